@@ -1,0 +1,216 @@
+"""`ddp-toolkit plan | train | launch | slurm | sweep | report`.
+
+Bad input is one line on stderr and exit code 2; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+from ddp_toolkit.plan import BatchPlan
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad input from the command line: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr (no usage block) and exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+# ---- plan -----------------------------------------------------------------------------------------------
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="print the batch plan: global batch, iterations per epoch, lr scaling")
+    p.add_argument("--dataset-size", type=int, required=True, help="N: training samples per epoch")
+    p.add_argument("--micro-batch-size", type=int, help="b: samples per device per forward")
+    p.add_argument("--world-size", type=int, help="W: data-parallel processes (default 1)")
+    p.add_argument("--grad-accum-steps", type=int, help="k: micro_steps per iteration")
+    p.add_argument("--global-batch-size", type=int, help="B = b·W·k")
+    stop = p.add_mutually_exclusive_group()
+    stop.add_argument("--epochs", type=float, help="length of the run in epochs (default 1)")
+    stop.add_argument("--iterations", type=int, help="length of the run in iterations")
+    p.add_argument("--drop-last", action="store_true", help="drop the short last global batch of each epoch")
+    p.add_argument("--base-lr", type=float, help="learning rate at --base-batch-size")
+    p.add_argument("--base-batch-size", type=int, help="reference batch of --base-lr (default: B)")
+    p.add_argument("--lr-rule", default="linear", choices=["none", "linear", "sqrt", "adam_sqrt"])
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print JSON")
+    fmt.add_argument("--explain", action="store_true", help="explain the numbers in plain sentences")
+    p.set_defaults(func=_cmd_plan)
+
+
+def plan_from_args(args: argparse.Namespace) -> BatchPlan:
+    """Solve the plan from the flags; a single missing factor is derived (W defaults to 1)."""
+    factors = {"global_batch_size": args.global_batch_size, "micro_batch_size": args.micro_batch_size,
+               "world_size": args.world_size, "grad_accum_steps": args.grad_accum_steps}
+    missing = [k for k, v in factors.items() if v is None]
+    for name, default in (("world_size", 1), ("grad_accum_steps", 1), ("micro_batch_size", None)):
+        if len(missing) > 1 and name in missing and default is not None:
+            factors[name] = default
+            missing.remove(name)
+    if len(missing) > 1:
+        raise UsageError("plan: give --micro-batch-size or --global-batch-size")
+    return BatchPlan.solve(args.dataset_size, drop_last=args.drop_last, **factors)
+
+
+def plan_report(plan: BatchPlan, args: argparse.Namespace) -> dict:
+    """The plan's numbers plus the run length and, with --base-lr, the scaled learning rate."""
+    out = plan.to_dict()
+    if args.iterations is not None:
+        out["total_iterations"] = args.iterations
+        out["epochs"] = plan.epochs_for(args.iterations)
+    else:
+        epochs = 1.0 if args.epochs is None else args.epochs
+        out["total_iterations"] = plan.iterations_for(epochs)
+        out["epochs"] = epochs
+    out["total_samples"] = plan.samples_for(out["total_iterations"])
+    if args.base_lr is not None:
+        from ddp_toolkit.lr import scaled_lr
+
+        base_batch = args.base_batch_size or plan.global_batch_size
+        out.update(base_lr=args.base_lr, base_batch_size=base_batch, lr_rule=args.lr_rule,
+                   scaled_lr=scaled_lr(args.base_lr, plan.global_batch_size, base_batch, args.lr_rule))
+    return out
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from ddp_toolkit import reporting
+
+    plan = plan_from_args(args)
+    info = plan_report(plan, args)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    elif args.explain:
+        print(reporting.explain_plan(plan, info))
+    else:
+        reporting.print_plan_table(plan, info)
+    return 0
+
+
+# ---- train / launch -------------------------------------------------------------------------------------
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train in this process (or as one worker started by a launcher)")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from ddp_toolkit.config import load_config
+    from ddp_toolkit.trainer import train_from_config
+
+    cfg = load_config(args.config, args.overrides)
+    check_run_dir(cfg.run_dir)
+    train_from_config(cfg)
+    return 0
+
+
+def check_run_dir(run_dir: str) -> None:
+    """run_dir must be creatable and writable; say so in one line before any worker starts."""
+    import os
+    from pathlib import Path
+
+    path = Path(run_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"run_dir {run_dir!r} cannot be created: {err.strerror}") from None
+    if not os.access(path, os.W_OK):
+        raise UsageError(f"run_dir {run_dir!r} is not writable")
+
+
+def _add_launch(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("launch", help="start workers with torch's elastic launcher (torchrun)")
+    p.add_argument("--nproc-per-node", type=int, default=2, help="workers on this node (default 2)")
+    p.add_argument("--nnodes", default="1", help="nodes, or MIN:MAX for elastic jobs")
+    p.add_argument("--node-rank", type=int, default=None, help="this node's rank (static rendezvous)")
+    p.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of the c10d rendezvous "
+                                                          "(default 127.0.0.1 and a free port)")
+    p.add_argument("--rdzv-id", default=None, help="job id shared by all nodes")
+    p.add_argument("--max-restarts", type=int, default=0, help="restart the worker group this many times")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_launch)
+
+
+def launch_command(args: argparse.Namespace) -> list[str]:
+    """The torch.distributed.run command line that starts launch/train.py on this node."""
+    import socket
+    import sys
+    from pathlib import Path
+
+    endpoint = args.rdzv_endpoint
+    if endpoint is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            endpoint = f"127.0.0.1:{s.getsockname()[1]}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc_per_node}",
+           f"--nnodes={args.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
+           f"--max-restarts={args.max_restarts}"]
+    if args.rdzv_id:
+        cmd.append(f"--rdzv-id={args.rdzv_id}")
+    if endpoint.startswith("127.0.0.1") or endpoint.startswith("localhost"):
+        cmd.append("--local-addr=127.0.0.1")
+    if args.node_rank is not None:
+        cmd.append(f"--node-rank={args.node_rank}")
+    script = Path(__file__).resolve().parent.parent / "launch" / "train.py"
+    target = [str(script)] if script.exists() else ["-m", "ddp_toolkit.cli", "train"]
+    return cmd + target + [args.config, *args.overrides]
+
+
+def _cmd_launch(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from ddp_toolkit.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # fail fast, once, before any worker starts
+    check_run_dir(cfg.run_dir)
+    if args.nproc_per_node < 1:
+        raise UsageError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
+    import os
+
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return subprocess.call(launch_command(args), env=env)
+
+
+# ---- main -----------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ddp-toolkit", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in _SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_plan, _add_train, _add_launch]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit code."""
+    from ddp_toolkit.config import ConfigError
+    from ddp_toolkit.plan import PlanError
+
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except (UsageError, ConfigError, PlanError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Who am I in the job: rank information from torchrun, accelerate, deepspeed or SLURM; process group setup.
+
+The backend follows the device: nccl when CUDA is available, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ddp_toolkit.slurm import expand_nodelist, master_port_for_job
+
+__all__ = ["DistEnv", "distributed", "detect_launcher", "all_reduce_sum"]
+
+
+def detect_launcher(env: Mapping[str, str]) -> str:
+    """Which launcher started this process: accelerate, deepspeed, torchrun, slurm or none."""
+    if "ACCELERATE_MIXED_PRECISION" in env:
+        return "accelerate"
+    if "CROSS_RANK" in env and "LOCAL_SIZE" in env:
+        return "deepspeed"
+    if "TORCHELASTIC_RUN_ID" in env:
+        return "torchrun"
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return "env"
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
+        return "slurm"
+    return "none"
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Rank information of this process; a lone process with no variables is rank 0 of world size 1."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    launcher: str = "none"
+    slurm_job_id: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> DistEnv:
+        """Read torchrun / accelerate / deepspeed variables, else SLURM's (one task per device)."""
+        env = os.environ if env is None else env
+        launcher = detect_launcher(env)
+        job_id = env.get("SLURM_JOB_ID")
+        if launcher in ("accelerate", "deepspeed", "torchrun", "env"):
+            world = int(env["WORLD_SIZE"])
+            local_world = int(env.get("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", world)))
+            return cls(
+                rank=int(env["RANK"]), local_rank=int(env.get("LOCAL_RANK", 0)), world_size=world,
+                local_world_size=local_world,
+                node_rank=int(env.get("GROUP_RANK", env.get("CROSS_RANK", env.get("NODE_RANK", 0)))),
+                master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+                master_port=int(env.get("MASTER_PORT", 29500)), launcher=launcher, slurm_job_id=job_id,
+            )
+        if launcher == "slurm":
+            nodes = expand_nodelist(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1")))
+            world = int(env.get("SLURM_NTASKS", 1))
+            return cls(
+                rank=int(env["SLURM_PROCID"]), local_rank=int(env.get("SLURM_LOCALID", 0)), world_size=world,
+                local_world_size=int(env.get("SLURM_NTASKS_PER_NODE", world).split("(")[0]),
+                node_rank=int(env.get("SLURM_NODEID", 0)),
+                master_addr=env.get("MASTER_ADDR", nodes[0]),
+                master_port=int(env.get("MASTER_PORT", master_port_for_job(int(job_id or 0)))),
+                launcher="slurm", slurm_job_id=job_id,
+            )
+        return cls(slurm_job_id=job_id)
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if torch.cuda.is_available() else "gloo"
+
+    @property
+    def device(self) -> torch.device:
+        if torch.cuda.is_available():
+            return torch.device("cuda", self.local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
+
+    def describe_launcher(self) -> str:
+        """`torchrun`, `accelerate`, ... plus the SLURM job id when there is one."""
+        text = self.launcher if self.launcher != "none" else "single process"
+        return f"{text} (SLURM job {self.slurm_job_id})" if self.slurm_job_id else text
+
+
+@contextlib.contextmanager
+def distributed(env: DistEnv, timeout_s: float = 600) -> Iterator[DistEnv]:
+    """Initialise the process group when W > 1 (and set the device); tear it down only if we made it."""
+    created = False
+    if env.is_distributed and not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", env.master_addr)
+        os.environ.setdefault("MASTER_PORT", str(env.master_port))
+        if env.device.type == "cuda":
+            torch.cuda.set_device(env.device)
+        dist.init_process_group(env.backend, rank=env.rank, world_size=env.world_size,
+                                timeout=timedelta(seconds=timeout_s))
+        created = True
+    try:
+        yield env
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def all_reduce_sum(values: list[float], device: torch.device | None = None) -> list[float]:
+    """Sum a few scalars over ranks in float64 (a no-op without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()

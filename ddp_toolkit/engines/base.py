@@ -1,0 +1,110 @@
+"""One small interface for the gradient-sync engines: prepare, micro-step with or without sync, step, state."""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ddp_toolkit.dist import DistEnv
+from ddp_toolkit.plan import BatchPlan
+
+
+@dataclass
+class CommStats:
+    """Gradient all-reduce traffic measured by the engine (a DDP comm hook or the engine's own counters)."""
+
+    calls: int = 0
+    """All-reduce calls (one per DDP bucket per synced backward)."""
+    rounds: int = 0
+    """Synced backward passes: gradient all-reduce rounds (bucket 0 seen once per round)."""
+    bytes: int = 0
+    """Bytes handed to all-reduce."""
+
+    def snapshot(self) -> tuple[int, int, int]:
+        return self.calls, self.rounds, self.bytes
+
+
+class Engine(ABC):
+    """Owns the wrapped model and optimizer and decides when gradients are synchronised."""
+
+    name = "base"
+
+    def __init__(self, env: DistEnv, plan: BatchPlan) -> None:
+        self.env, self.plan = env, plan
+        self.comm = CommStats()
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    @abstractmethod
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Wrap model and optimizer for data-parallel training."""
+
+    @property
+    def module(self) -> nn.Module:
+        """The bare model (no wrapper): for evaluation and checkpoints."""
+        return getattr(self.model, "module", self.model)
+
+    @property
+    def loss_multiplier(self) -> float:
+        """Factor on Σ(item losses)/global_items that makes the synced gradient the global-batch mean.
+
+        DDP averages gradients over W ranks, so the default undoes that with ×W.
+        """
+        return float(self.env.world_size)
+
+    def sync_context(self, sync: bool) -> contextlib.AbstractContextManager:
+        """Context for one micro-step's forward and backward; gradient sync only when `sync`."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, sync: bool) -> None:
+        loss.backward()
+
+    def grad_norm(self) -> torch.Tensor:
+        """Global L2 norm of the (synced) gradient."""
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        if not grads:
+            return torch.zeros(())
+        return torch.nn.utils.get_total_norm(grads)
+
+    def clip_grad(self, max_norm: float) -> None:
+        torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def load_model_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state)
+
+    def optimizer_state(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
+    def barrier(self) -> None:
+        if self.env.is_distributed and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    def close(self) -> None:
+        """Release engine resources (hooks, wrappers)."""
+
+
+@contextlib.contextmanager
+def maybe(ctx_factory, enabled: bool) -> Iterator[None]:
+    """Enter `ctx_factory()` only when enabled."""
+    if enabled:
+        with ctx_factory():
+            yield
+    else:
+        yield

@@ -1,0 +1,76 @@
+"""torch DistributedDataParallel engine: no_sync on the first k−1 micro-steps, a counting comm hook."""
+
+# no `from __future__ import annotations`: DDP checks the hook signature at run time
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel
+
+from ddp_toolkit.engines.base import CommStats, Engine
+
+
+class HookState:
+    """State of the counting hook: traffic counters and, for the noise scale, squared gradient norms."""
+
+    def __init__(self, comm: CommStats, process_group=None) -> None:
+        self.comm = comm
+        self.process_group = process_group
+        self.measure_norms = False
+        self.local_sq = 0.0
+        self.global_sq = 0.0
+
+    def reset_norms(self) -> None:
+        self.local_sq, self.global_sq = 0.0, 0.0
+
+
+def counting_allreduce_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP's own all-reduce (average over ranks), counting calls, rounds and bytes on the way.
+
+    With `measure_norms` it also records |local gradient|² before and |global gradient|² after the
+    all-reduce: the two measurements the gradient noise scale needs, at no extra communication.
+    """
+    buffer = bucket.buffer()
+    state.comm.calls += 1
+    state.comm.bytes += buffer.numel() * buffer.element_size()
+    if bucket.index() == 0:
+        state.comm.rounds += 1
+    if not state.measure_norms:
+        return default_hooks.allreduce_hook(state.process_group, bucket)
+    state.local_sq += float(buffer.double().pow(2).sum())
+
+    def record(fut: torch.futures.Future) -> torch.Tensor:
+        tensor = fut.value()
+        state.global_sq += float(tensor.double().pow(2).sum())
+        return tensor
+
+    return default_hooks.allreduce_hook(state.process_group, bucket).then(record)
+
+
+class DDPEngine(Engine):
+    """The default engine: torch DDP when W > 1, the bare model when W = 1."""
+
+    name = "ddp"
+
+    def __init__(self, env, plan, *, sync_every_micro_step: bool = False, find_unused_parameters: bool = False):
+        super().__init__(env, plan)
+        self.sync_every_micro_step = sync_every_micro_step
+        self.find_unused_parameters = find_unused_parameters
+        self.hook_state = HookState(self.comm)
+
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        model = model.to(self.env.device)
+        if self.env.is_distributed:
+            device_ids = [self.env.device.index] if self.env.device.type == "cuda" else None
+            model = DistributedDataParallel(model, device_ids=device_ids,
+                                            find_unused_parameters=self.find_unused_parameters)
+            model.register_comm_hook(self.hook_state, counting_allreduce_hook)
+        self.model, self.optimizer = model, optimizer
+
+    def sync_context(self, sync: bool) -> contextlib.AbstractContextManager:
+        if self.env.is_distributed and not sync and not self.sync_every_micro_step:
+            return self.model.no_sync()
+        return contextlib.nullcontext()

@@ -1,0 +1,245 @@
+"""Learning-rate scaling rules and schedules as pure functions of the iteration.
+
+Vocabulary: B is the global batch size (samples per optimizer step over all ranks and micro-steps),
+B_ref the batch size at which the base learning rate was tuned, and an iteration is one optimizer step.
+No torch import at module level; only `build_scheduler` imports it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "SCALING_RULES",
+    "DECAYS",
+    "DURATION_UNITS",
+    "scaled_lr",
+    "adam_sqrt_hparams",
+    "Schedule",
+    "build_scheduler",
+    "parse_duration",
+    "to_iterations",
+    "duration_to_iterations",
+]
+
+ScalingRule = Literal["none", "linear", "sqrt", "adam_sqrt"]
+Decay = Literal["constant", "cosine", "step"]
+DurationUnit = Literal["it", "ep", "sp"]
+
+SCALING_RULES: tuple[str, ...] = ("none", "linear", "sqrt", "adam_sqrt")
+DECAYS: tuple[str, ...] = ("constant", "cosine", "step")
+DURATION_UNITS: tuple[str, ...] = ("it", "ep", "sp")
+
+
+def _check_positive(name: str, value: float) -> None:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+# ---- large-batch scaling rules ----------------------------------------------------------------------
+def scaled_lr(base_lr: float, global_batch_size: int, base_batch_size: int, rule: ScalingRule) -> float:
+    """Learning rate for global batch B from `base_lr` tuned at B_ref, under a large-batch scaling rule.
+
+    linear: base·B/B_ref (Goyal et al. 2017, SGD); sqrt: base·sqrt(B/B_ref); adam_sqrt: base·sqrt(κ) with
+    κ = B/B_ref, the lr part of Malladi et al. 2022 (pair it with `adam_sqrt_hparams` for betas and eps).
+    """
+    if rule not in SCALING_RULES:
+        raise ValueError(f"unknown lr scaling rule {rule!r}; choose one of {', '.join(SCALING_RULES)}")
+    _check_positive("base_lr", base_lr)
+    _check_positive("global_batch_size", global_batch_size)
+    _check_positive("base_batch_size", base_batch_size)
+    kappa = global_batch_size / base_batch_size
+    if rule == "none":
+        return float(base_lr)
+    if rule == "linear":
+        return base_lr * kappa
+    return base_lr * math.sqrt(kappa)
+
+
+def adam_sqrt_hparams(
+    betas: tuple[float, float], eps: float, kappa: float
+) -> tuple[tuple[float, float], float]:
+    """Adam betas and eps for a batch κ times larger, by Malladi et al. 2022's SDE square-root rule.
+
+    1−β is multiplied by κ for both betas (β' = 1 − κ(1−β)) and ε' = ε/sqrt(κ); the lr goes with sqrt(κ).
+    """
+    _check_positive("kappa", kappa)
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    scaled = []
+    for index, beta in enumerate(betas):
+        if not 0 <= beta < 1:
+            raise ValueError(f"betas[{index}] must be in [0, 1), got {beta!r}")
+        new_beta = 1.0 - kappa * (1.0 - beta)
+        if new_beta <= 0:
+            raise ValueError(
+                f"adam_sqrt rule: betas[{index}] = {beta} with kappa = {kappa} gives 1 - kappa·(1 - beta) = "
+                f"{new_beta:.6g} <= 0; the rule only holds for kappa < 1/(1 - beta) = {1 / (1 - beta):.6g}"
+            )
+        scaled.append(new_beta)
+    return (scaled[0], scaled[1]), eps / math.sqrt(kappa)
+
+
+# ---- schedule ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Schedule:
+    """Learning rate as a pure function of the iteration: linear warmup, then constant, cosine or step decay.
+
+    `lr_at(i)` is the lr used by the optimizer step taken when i steps are already done (i = 0 for the
+    first step), so iteration i's step produces iteration i+1's weights.
+
+    - Warmup (Goyal et al. 2017, gradual): for i < W = warmup_iterations, lr = peak·(s + (1−s)·i/W) with
+      s = warmup_start_factor, so the first step uses s·peak and i = W is exactly peak.
+    - constant: peak for every i >= W.
+    - cosine: lr = min_lr + (peak − min_lr)·(1 + cos(π·p))/2 with p = (i − W)/(T − W), T = total_iterations;
+      reaches min_lr at i = T (the last step, i = T−1, is just above it) and stays there for i > T.
+    - step: lr = max(min_lr, peak·step_gamma**n), n = number of milestones m <= i (milestones in
+      iterations, each in (W, T]).
+    """
+
+    peak_lr: float
+    """Lr reached at the end of warmup (already batch-scaled)."""
+    total_iterations: int
+    """T: optimizer steps in the whole run."""
+    warmup_iterations: int = 0
+    """W: steps of linear warmup; 0 for none."""
+    warmup_start_factor: float = 0.0
+    """Fraction of peak used by the first step; Goyal et al. use B_ref/B (the unscaled lr)."""
+    decay: Decay = "constant"
+    """Shape after warmup: constant, cosine or step."""
+    step_milestones: tuple[int, ...] = ()
+    """Iterations at which `step` decay multiplies the lr by step_gamma (strictly increasing)."""
+    step_gamma: float = 0.1
+    """Factor applied at each milestone."""
+    min_lr: float = 0.0
+    """End of the cosine and floor of step decay; warmup may start below it."""
+
+    def __post_init__(self) -> None:
+        _check_positive("peak_lr", self.peak_lr)
+        if isinstance(self.total_iterations, bool) or not isinstance(self.total_iterations, int):
+            raise ValueError(f"total_iterations must be an int, got {self.total_iterations!r}")
+        if self.total_iterations < 1:
+            raise ValueError(f"total_iterations must be >= 1, got {self.total_iterations}")
+        if isinstance(self.warmup_iterations, bool) or not isinstance(self.warmup_iterations, int):
+            raise ValueError(f"warmup_iterations must be an int, got {self.warmup_iterations!r}")
+        if not 0 <= self.warmup_iterations <= self.total_iterations:
+            raise ValueError(
+                f"warmup_iterations {self.warmup_iterations} must be in [0, total_iterations "
+                f"{self.total_iterations}]: the warmup cannot be longer than the run"
+            )
+        if not 0.0 <= self.warmup_start_factor <= 1.0:
+            raise ValueError(f"warmup_start_factor must be in [0, 1], got {self.warmup_start_factor!r}")
+        if self.decay not in DECAYS:
+            raise ValueError(f"unknown decay {self.decay!r}; choose one of {', '.join(DECAYS)}")
+        if not 0.0 <= self.min_lr <= self.peak_lr:
+            raise ValueError(f"min_lr {self.min_lr!r} must be in [0, peak_lr {self.peak_lr}]")
+        object.__setattr__(self, "step_milestones", tuple(self.step_milestones))
+        self._check_milestones()
+
+    def _check_milestones(self) -> None:
+        milestones = self.step_milestones
+        if milestones and self.decay != "step":
+            raise ValueError(
+                f"step_milestones {list(milestones)} given but decay is {self.decay!r}, not 'step'"
+            )
+        if not 0.0 < self.step_gamma <= 1.0:
+            raise ValueError(f"step_gamma must be in (0, 1], got {self.step_gamma!r}")
+        w, t = self.warmup_iterations, self.total_iterations
+        for m in milestones:
+            if isinstance(m, bool) or not isinstance(m, int) or not w < m <= t:
+                raise ValueError(
+                    f"step milestone {m!r} must be an int iteration in (warmup_iterations {w}, "
+                    f"total_iterations {t}]"
+                )
+        if any(b <= a for a, b in zip(milestones[:-1], milestones[1:], strict=True)):
+            raise ValueError(f"step_milestones must be strictly increasing, got {list(milestones)}")
+
+    def lr_at(self, iteration: int) -> float:
+        """Lr of the step taken after `iteration` steps (0-based); see the class docstring for the shape."""
+        if iteration < 0:
+            raise ValueError(f"iteration must be >= 0, got {iteration}")
+        w, t, peak = self.warmup_iterations, self.total_iterations, self.peak_lr
+        if iteration < w:
+            s = self.warmup_start_factor
+            return peak * (s + (1.0 - s) * iteration / w)
+        if self.decay == "constant":
+            return peak
+        if self.decay == "cosine":
+            progress = 1.0 if t == w else min(1.0, (iteration - w) / (t - w))
+            return self.min_lr + (peak - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        passed = sum(1 for m in self.step_milestones if m <= iteration)
+        return max(self.min_lr, peak * self.step_gamma**passed)
+
+    def factor_at(self, iteration: int) -> float:
+        """lr_at(iteration) / peak_lr: the multiplier `torch.optim.lr_scheduler.LambdaLR` expects."""
+        return self.lr_at(iteration) / self.peak_lr
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: Schedule
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR following `schedule`; step it once per iteration (optimizer step), never per micro-step.
+
+    LambdaLR multiplies each param group's initial lr by `schedule.factor_at`, so build the optimizer with
+    lr = schedule.peak_lr (groups with another lr keep their ratio to it). Construction sets factor_at(0).
+    To resume, build both, then load the optimizer's state (it holds the lr), then the scheduler's.
+    """
+    from torch.optim.lr_scheduler import LambdaLR
+
+    return LambdaLR(optimizer, lr_lambda=schedule.factor_at)
+
+
+# ---- durations --------------------------------------------------------------------------------------
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(it|ep|sp)?\s*$")
+_DURATION_FORMS = "an int of iterations or a string like 500it, 500, 5ep, 2.5ep or 20000sp"
+
+
+def parse_duration(text: str | int) -> tuple[float, DurationUnit]:
+    """Parse `500it`, `500` (iterations), `5ep` / `2.5ep` (epochs) or `20000sp` (samples) into (value, unit).
+
+    Iterations and samples must be whole numbers; epochs may be fractional. A bare int means iterations.
+    """
+    if isinstance(text, bool) or not isinstance(text, (int, str)):
+        raise ValueError(f"bad duration {text!r}: expected {_DURATION_FORMS}")
+    if isinstance(text, int):
+        if text < 0:
+            raise ValueError(f"bad duration {text!r}: must be >= 0; expected {_DURATION_FORMS}")
+        return float(text), "it"
+    match = _DURATION_RE.match(text)
+    if match is None:
+        raise ValueError(f"bad duration {text!r}: expected {_DURATION_FORMS}")
+    value, unit = float(match.group(1)), match.group(2) or "it"
+    if unit != "ep" and not value.is_integer():
+        raise ValueError(f"bad duration {text!r}: {unit} must be a whole number; expected {_DURATION_FORMS}")
+    return value, unit
+
+
+def to_iterations(value: float, unit: DurationUnit, iterations_per_epoch: int, global_batch_size: int) -> int:
+    """Convert a parsed duration to iterations: epochs → nearest int of value·iterations_per_epoch (halves
+    up), samples → ceil(samples / B) (the first iteration at which that many samples have been seen)."""
+    if unit not in DURATION_UNITS:
+        raise ValueError(f"unknown duration unit {unit!r}; choose one of {', '.join(DURATION_UNITS)}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"duration value must be a finite number >= 0, got {value!r}")
+    _check_positive("iterations_per_epoch", iterations_per_epoch)
+    _check_positive("global_batch_size", global_batch_size)
+    if unit == "ep":
+        return math.floor(value * iterations_per_epoch + 0.5)
+    if not float(value).is_integer():
+        raise ValueError(f"a duration in {unit} must be a whole number, got {value!r}")
+    if unit == "it":
+        return int(value)
+    return -(-int(value) // int(global_batch_size))
+
+
+def duration_to_iterations(text: str | int, iterations_per_epoch: int, global_batch_size: int) -> int:
+    """A config duration (`5ep`, `500it`, `20000sp`, 500) in iterations: `parse_duration`, `to_iterations`."""
+    value, unit = parse_duration(text)
+    return to_iterations(value, unit, iterations_per_epoch, global_batch_size)

@@ -1,0 +1,284 @@
+"""Rank-0 reports: the plan table, plain-sentence explanations, live progress, JSONL, wandb, summary."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ddp_toolkit.plan import BatchPlan
+
+
+def _fmt(x: float) -> str:
+    """Numbers as people read them: integers plain, floats to 6 significant digits."""
+    if isinstance(x, float) and not x.is_integer():
+        return f"{x:.6g}"
+    return f"{int(x):,}" if isinstance(x, (int, float)) else str(x)
+
+
+def plan_rows(plan: BatchPlan, info: dict) -> list[tuple[str, str]]:
+    """(label, value) rows describing a plan, its run length and its lr scaling."""
+    rows = [
+        ("global batch", plan.describe()),
+        ("local batch (per device per iteration)", f"{plan.local_batch_size} = {plan.micro_batch_size} micro × "
+                                                   f"{plan.grad_accum_steps} accumulation"),
+        ("dataset size", _fmt(plan.dataset_size)),
+        ("iterations per epoch", _fmt(plan.iterations_per_epoch)),
+        ("micro_steps per epoch per rank", _fmt(plan.micro_steps_per_epoch_per_rank)),
+    ]
+    if plan.drop_last:
+        rows.append(("samples dropped per epoch", _fmt(plan.dropped_samples_per_epoch)))
+    else:
+        split = plan.last_batch_split
+        rows.append(("last global batch", f"{plan.last_batch_size} samples "
+                                          f"(per micro_step × rank: {split})"
+                     if plan.last_batch_size != plan.global_batch_size else f"{plan.last_batch_size} (full)"))
+    if "total_iterations" in info:
+        rows.append(("run length", f"{_fmt(info['total_iterations'])} iterations = "
+                                   f"{_fmt(info['epochs'])} epochs = {_fmt(info['total_samples'])} samples"))
+    if "scaled_lr" in info:
+        rows.append(("learning rate", f"{_fmt(info['base_lr'])} at batch {info['base_batch_size']} → "
+                                      f"{_fmt(info['scaled_lr'])} at batch {plan.global_batch_size} "
+                                      f"({info['lr_rule']} rule)"))
+    if info.get("warmup_iterations"):
+        rows.append(("warmup", f"{info['warmup_iterations']} iterations = "
+                               f"{_fmt(plan.epochs_for(info['warmup_iterations']))} epochs"))
+    for key in ("engine", "backend", "launcher", "precision"):
+        if key in info:
+            rows.append((key, str(info[key])))
+    return rows
+
+
+def print_plan_table(plan: BatchPlan, info: dict, console: Console | None = None) -> None:
+    """The plan as a two-column table (plain text when stdout is not a terminal)."""
+    console = console or Console()
+    table = Table(title="batch plan", show_header=False, box=None if not console.is_terminal else None)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    for label, value in plan_rows(plan, info):
+        table.add_row(label, value)
+    console.print(table)
+
+
+def explain_plan(plan: BatchPlan, info: dict) -> str:
+    """The plan in plain sentences: the questions newcomers ask about batches, iterations and epochs."""
+    n, B, ipe = plan.dataset_size, plan.global_batch_size, plan.iterations_per_epoch
+    total, epochs = info["total_iterations"], info["epochs"]
+    lines = [
+        f"Each iteration (one optimizer step, one weight update, one gradient all-reduce) uses a global "
+        f"batch of {B} samples: {plan.micro_batch_size} samples per forward pass (micro_batch_size) × "
+        f"{plan.world_size} devices (world_size) × {plan.grad_accum_steps} accumulation steps "
+        f"(grad_accum_steps). Each device processes {plan.local_batch_size} samples per iteration "
+        f"(local_batch_size).",
+    ]
+    if plan.drop_last:
+        lines.append(f"One epoch is one pass over the {n} samples: {n} / {B} = {ipe} full batches, so "
+                     f"{ipe} iterations per epoch = {ipe} weight updates per epoch; the last "
+                     f"{plan.dropped_samples_per_epoch} samples of each shuffled epoch are dropped.")
+    elif plan.last_batch_size != B:
+        lines.append(f"One epoch is one pass over the {n} samples: {ipe - 1} full batches of {B} and a last "
+                     f"batch of {plan.last_batch_size}, so {ipe} iterations per epoch = {ipe} weight updates "
+                     f"per epoch (the last one averages the gradient over its {plan.last_batch_size} samples).")
+    else:
+        lines.append(f"One epoch is one pass over the {n} samples: {n} / {B} = {ipe} batches, so {ipe} "
+                     f"iterations per epoch = {ipe} weight updates per epoch.")
+    lines.append(f"The run is {_fmt(total)} iterations = {_fmt(epochs)} epochs = {_fmt(total)} weight "
+                 f"updates, seeing {_fmt(info['total_samples'])} samples in all.")
+    lines.append(f"Conversions: {plan.iterations_for(1)} iterations = 1 epoch; 1 iteration = "
+                 f"{_fmt(plan.epochs_for(1))} epochs; iterations = epochs × {ipe}.")
+    if "scaled_lr" in info:
+        lines.append(f"Learning rate: {_fmt(info['base_lr'])} was tuned at batch {info['base_batch_size']}; "
+                     f"the {info['lr_rule']} rule gives {_fmt(info['scaled_lr'])} at batch {B}.")
+    return "\n".join(lines)
+
+
+# ---- live reports during training (rank 0 only) ------------------------------------------------------------
+class Reporter:
+    """Rank-0 sinks: plan.json, metrics.jsonl, a live console view, wandb; all no-ops on other ranks."""
+
+    def __init__(self, cfg, env, plan: BatchPlan, enabled: bool = True, console: Console | None = None) -> None:
+        self.cfg, self.env, self.plan, self.enabled = cfg, env, plan, enabled
+        self.run_dir = Path(cfg.run_dir)
+        self.console = console or Console(stderr=False, highlight=False)
+        self.last_metrics: dict = {}
+        self.last_loss: float | None = None
+        self._bar = None
+        self._wandb = None
+        self._live = None
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+    def truncate_after(self, iteration: int) -> None:
+        """On resume: drop metrics rows past the checkpoint, so no iteration appears twice."""
+        if not self.enabled or not self.metrics_path.exists():
+            return
+        keep = [line for line in self.metrics_path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("iteration", 0) <= iteration]
+        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.metrics_path)
+
+    def start(self, info: dict, progress, total_iterations: int) -> None:
+        if not self.enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.info, self.total = info, total_iterations
+        (self.run_dir / "plan.json").write_text(json.dumps(info, indent=2) + "\n")
+        if self.cfg.report.console:
+            print_plan_table(self.plan, info, self.console)
+            if "resumed_from" in info:
+                self.console.print(f"resumed from checkpoint {info['resumed_from']} at iteration "
+                                   f"{progress.iteration}")
+            self._live = LiveProgress(self.console, self.plan, total_iterations, progress.iteration)
+        if self.cfg.report.wandb:
+            self._wandb = WandbSink.open(self.cfg, info, self.warn)
+
+    def _write(self, row: dict) -> None:
+        if self.cfg.report.jsonl:
+            with open(self.metrics_path, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+        if self._wandb is not None:
+            self._wandb.log(row)
+
+    def log(self, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        self.last_metrics, self.last_loss = metrics, metrics["loss"]
+        self._write({"kind": "train", **metrics})
+        if self._live is not None:
+            self._live.update(metrics)
+
+    def log_eval(self, result: dict) -> None:
+        if not self.enabled:
+            return
+        self._write({"kind": "eval", **result})
+        if self._live is not None:
+            self._live.note(f"eval at iteration {result['iteration']}: loss {result['eval_loss']:.4f}, "
+                            f"accuracy {result['eval_accuracy']:.4f} on {result['eval_samples']} samples")
+
+    def warn(self, message: str) -> None:
+        if self.enabled:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    def finish(self, summary: dict) -> None:
+        if not self.enabled:
+            return
+        if self._live is not None:
+            self._live.close()
+            self._live = None
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if self.cfg.report.console:
+            print_summary(summary, self.console)
+        if self._wandb is not None:
+            self._wandb.summary(summary)
+
+    def close(self) -> None:
+        if self._live is not None:
+            self._live.close()
+        if self._wandb is not None:
+            self._wandb.close()
+            self._wandb = None
+
+
+def print_summary(summary: dict, console: Console | None = None) -> None:
+    """The end-of-run summary as a two-column table."""
+    console = console or Console(highlight=False)
+    table = Table(title="summary", show_header=False, box=None)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    for key, value in summary.items():
+        table.add_row(key.replace("_", " "), _fmt(value) if isinstance(value, (int, float)) else str(value))
+    console.print(table)
+
+
+class LiveProgress:
+    """A rich progress bar on a terminal; plain periodic lines (no control characters) otherwise."""
+
+    def __init__(self, console: Console, plan: BatchPlan, total: int, start: int) -> None:
+        self.console, self.plan, self.total = console, plan, total
+        self.epochs_total = max(1, math.ceil(plan.epochs_for(total)))
+        self._bar = None
+        if console.is_terminal:
+            self._bar = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(),
+                                 TextColumn("it {task.completed}/{task.total} · in epoch {task.fields[in_epoch]}"),
+                                 TextColumn("{task.fields[rate]} samples/s · loss {task.fields[loss]} · "
+                                            "lr {task.fields[lr]}"),
+                                 TimeRemainingColumn(), console=console, transient=False)
+            self._task = self._bar.add_task("train", total=total, completed=start, epoch=self._epoch_text(start),
+                                            in_epoch="-", rate="-", loss="-", lr="-")
+            self._bar.start()
+
+    def _epoch_text(self, iteration: int) -> str:
+        current = min(iteration // self.plan.iterations_per_epoch + 1, self.epochs_total)
+        return f"{current}/{self.epochs_total}"
+
+    def update(self, m: dict) -> None:
+        it, ipe = m["iteration"], self.plan.iterations_per_epoch
+        in_epoch = (it - 1) % ipe + 1
+        epoch = f"{(it - 1) // ipe + 1}/{self.epochs_total}"
+        rate = f"{m['samples_per_second']:,.0f}" if m.get("samples_per_second") else "-"
+        if self._bar is not None:
+            self._bar.update(self._task, completed=it, epoch=epoch, in_epoch=f"{in_epoch}/{ipe}", rate=rate,
+                             loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.4g}")
+        else:
+            self.console.print(f"epoch {epoch} · iteration {it}/{self.total} (in epoch {in_epoch}/{ipe}) · "
+                               f"samples_seen {m['samples_seen']} · loss {m['loss']:.4f} · lr {m['lr']:.4g} · "
+                               f"{rate} samples/s", soft_wrap=True)
+
+    def note(self, text: str) -> None:
+        self.console.print(text, soft_wrap=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+class WandbSink:
+    """Weights & Biases logging that never blocks training: any failure disables it with one warning."""
+
+    def __init__(self, run, warn) -> None:
+        self.run, self.warn = run, warn
+
+    @classmethod
+    def open(cls, cfg, info: dict, warn) -> WandbSink | None:
+        try:
+            import wandb
+
+            run = wandb.init(project=cfg.report.wandb_project, name=cfg.report.run_name, tags=cfg.report.tags,
+                             dir=str(Path(cfg.run_dir)), config={"config": cfg.model_dump(), "plan": info},
+                             settings=wandb.Settings(init_timeout=60, silent=True))
+            return cls(run, warn)
+        except Exception as err:  # network, auth, missing package: training goes on
+            warn(f"wandb disabled: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            return None
+
+    def log(self, row: dict) -> None:
+        if self.run is None:
+            return
+        try:
+            data = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "iteration"}
+            self.run.log(data, step=row["iteration"])
+        except Exception as err:
+            self.warn(f"wandb log failed ({type(err).__name__}); continuing without it")
+            self.run = None
+
+    def summary(self, summary: dict) -> None:
+        if self.run is not None:
+            for key, value in summary.items():
+                self.run.summary[key] = value
+
+    def close(self) -> None:
+        if self.run is not None:
+            try:
+                self.run.finish()
+            except Exception as err:
+                self.warn(f"wandb finish failed ({type(err).__name__})")

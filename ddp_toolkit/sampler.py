@@ -1,0 +1,328 @@
+"""World-size-invariant training sampler, exact evaluation shards and metric reduction.
+
+Training order. Position p of an epoch's global sequence holds dataset index perm(p), perm being a seeded
+bijection of [0, N) keyed by (seed, epoch) (the identity when shuffle=False). Global batch i (one
+iteration) is positions [i·B, min((i+1)·B, N)). The global order therefore depends only on
+(seed, epoch, N, B), never on world_size W, micro_batch_size b or grad_accum_steps k, so a checkpoint
+taken at one W resumes at another W with the same B at exactly the next global batch.
+
+Layout of one global batch of n ≤ B samples (the rule every rank applies without communication):
+the batch is cut into W·k cells, cell c = micro_step·W + rank, holding the contiguous slots
+[c·q + min(c, r), (c+1)·q + min(c+1, r)) of the batch, where q, r = divmod(n, W·k). For a full batch
+(n = B) every cell is exactly b slots; for a short last batch cell sizes differ by at most one, the
+first r cells (micro-step 0 first, then rank order) holding the extra sample, and some cells may be empty.
+An empty cell still yields an empty list, so every rank yields exactly k micro-batches per iteration and
+the gradient all-reduce never deadlocks.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+from torch.utils.data._utils.collate import default_collate
+
+from ddp_toolkit.permutation import Permutation
+
+__all__ = ["EvalSampler", "GlobalBatchSampler", "collate_allow_empty", "reduce_metric_sums"]
+
+# Indices permuted per vectorised call once iteration is under way (bounds memory, amortises numpy overhead).
+_MAX_CHUNK_INDICES = 1 << 16
+
+
+def _as_int(name: str, value: Any, minimum: int) -> int:
+    """Coerce an integer argument (numpy ints allowed, bools and floats not) and check its lower bound."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {value!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be ≥ {minimum}, got {value}")
+    return value
+
+
+def _split(n: int, num_cells: int, cell: int) -> tuple[int, int]:
+    """(start, size) of one cell when n slots are cut into num_cells contiguous cells differing by ≤ 1."""
+    q, r = divmod(n, num_cells)
+    return cell * q + min(cell, r), q + (1 if cell < r else 0)
+
+
+class GlobalBatchSampler(Sampler[list[int]]):
+    """Batch sampler yielding this rank's micro-batches (k per iteration) of a world-size-invariant order.
+
+    Use it as ``DataLoader(dataset, batch_sampler=sampler)``; the layout rule is in the module docstring.
+    """
+
+    def __init__(
+        self,
+        dataset_size: int,
+        global_batch_size: int,
+        micro_batch_size: int,
+        world_size: int,
+        rank: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = False,
+    ) -> None:
+        self.dataset_size = _as_int("dataset_size", dataset_size, 1)
+        self.global_batch_size = _as_int("global_batch_size", global_batch_size, 1)
+        self.micro_batch_size = _as_int("micro_batch_size", micro_batch_size, 1)
+        self.world_size = _as_int("world_size", world_size, 1)
+        self.rank = _as_int("rank", rank, 0)
+        self.seed = _as_int("seed", seed, 0)
+        self.shuffle = bool(shuffle)
+        self.drop_last = bool(drop_last)
+        per_step = self.micro_batch_size * self.world_size
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"global_batch_size {self.global_batch_size} is not divisible by micro_batch_size "
+                f"{self.micro_batch_size} × world_size {self.world_size} (= {per_step})"
+            )
+        if self.rank >= self.world_size:
+            raise ValueError(f"rank {self.rank} is out of range for world_size {self.world_size}")
+        self.grad_accum_steps = self.global_batch_size // per_step
+        self.epoch = 0
+        self._samples_consumed = 0
+        self._generation = 0  # bumped on every __iter__ / repositioning, so stale iterators stop counting
+
+    @classmethod
+    def from_plan(cls, plan: Any, rank: int, seed: int = 0, shuffle: bool = True) -> GlobalBatchSampler:
+        """Build from any object with the BatchPlan attribute names; checks its grad_accum_steps agrees."""
+        sampler = cls(
+            dataset_size=plan.dataset_size,
+            global_batch_size=plan.global_batch_size,
+            micro_batch_size=plan.micro_batch_size,
+            world_size=plan.world_size,
+            rank=rank,
+            seed=seed,
+            shuffle=shuffle,
+            drop_last=plan.drop_last,
+        )
+        if plan.grad_accum_steps != sampler.grad_accum_steps:
+            raise ValueError(
+                f"plan grad_accum_steps {plan.grad_accum_steps} disagrees with global_batch_size "
+                f"{sampler.global_batch_size} / (micro_batch_size {sampler.micro_batch_size} × "
+                f"world_size {sampler.world_size}) = {sampler.grad_accum_steps}"
+            )
+        return sampler
+
+    # ----------------------------------------------------------------------------------------- counting
+    @property
+    def iterations_per_epoch(self) -> int:
+        """Global batches per epoch: ⌈N/B⌉, or ⌊N/B⌋ with drop_last (the short last batch is dropped)."""
+        if self.drop_last:
+            return self.dataset_size // self.global_batch_size
+        return -(-self.dataset_size // self.global_batch_size)
+
+    @property
+    def samples_consumed(self) -> int:
+        """Global samples (all ranks) of the current epoch whose iteration has been handed out or skipped."""
+        return self._samples_consumed
+
+    @property
+    def iterations_consumed(self) -> int:
+        """Iterations of the current epoch already handed out (or skipped); iteration restarts from here."""
+        return -(-self._samples_consumed // self.global_batch_size)
+
+    def __len__(self) -> int:
+        """Micro-batches this rank still yields in the current epoch, from the resume point (not from 0)."""
+        return max(0, self.iterations_per_epoch - self.iterations_consumed) * self.grad_accum_steps
+
+    def _check_iteration(self, iteration: int) -> int:
+        iteration = _as_int("iteration", iteration, 0)
+        if iteration >= self.iterations_per_epoch:
+            raise IndexError(f"iteration {iteration} out of range: epoch has {self.iterations_per_epoch}")
+        return iteration
+
+    def global_count(self, iteration: int) -> int:
+        """Samples in global batch `iteration` (B, fewer in a short last batch): the divisor of the loss."""
+        iteration = self._check_iteration(iteration)
+        return min(self.global_batch_size, self.dataset_size - iteration * self.global_batch_size)
+
+    def micro_batch_sizes(self, iteration: int) -> list[list[int]]:
+        """Sample counts as [micro_step][rank] for global batch `iteration`; known on every rank, no comms."""
+        n, cells = self.global_count(iteration), self.grad_accum_steps * self.world_size
+        return [
+            [_split(n, cells, m * self.world_size + r)[1] for r in range(self.world_size)]
+            for m in range(self.grad_accum_steps)
+        ]
+
+    def rank_count(self, iteration: int) -> int:
+        """Samples this rank processes in global batch `iteration` (sum over its k micro-batches)."""
+        return sum(row[self.rank] for row in self.micro_batch_sizes(iteration))
+
+    def global_batch(self, iteration: int) -> list[int]:
+        """Dataset indices of global batch `iteration` in global order; for checks and debugging."""
+        n, start = self.global_count(iteration), iteration * self.global_batch_size
+        return self._indices(np.arange(start, start + n, dtype=np.int64), self._permutation()).tolist()
+
+    # ------------------------------------------------------------------------------------- positioning
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (its order is keyed by (seed, epoch)) and rewind to its first iteration."""
+        self.epoch = _as_int("epoch", epoch, 0)
+        self._reposition(0)
+
+    def advance(self, iterations: int) -> None:
+        """Skip `iterations` whole iterations of the current epoch without yielding them (fast-forward)."""
+        target = self.iterations_consumed + _as_int("iterations", iterations, 0)
+        if target > self.iterations_per_epoch:
+            raise ValueError(
+                f"cannot advance to iteration {target}: epoch {self.epoch} has {self.iterations_per_epoch}"
+            )
+        self._reposition(min(target * self.global_batch_size, self.dataset_size))
+
+    def _reposition(self, samples_consumed: int) -> None:
+        self._samples_consumed = samples_consumed
+        self._generation += 1
+
+    def state_dict(self, iterations_done: int | None = None) -> dict[str, int]:
+        """Resume state. By default the position is the sampler's own count of handed-out iterations; pass
+        `iterations_done` (this epoch's completed iterations, as the trainer counts them) when the DataLoader
+        prefetches batches ahead of training (num_workers > 0)."""
+        consumed = self._samples_consumed
+        if iterations_done is not None:
+            done = _as_int("iterations_done", iterations_done, 0)
+            if done > self.iterations_per_epoch:
+                raise ValueError(
+                    f"iterations_done {done} exceeds iterations_per_epoch {self.iterations_per_epoch}"
+                )
+            consumed = min(done * self.global_batch_size, self.dataset_size)
+        return {
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "samples_consumed": consumed,
+            "global_batch_size": self.global_batch_size,
+            "dataset_size": self.dataset_size,
+        }
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Restore seed, epoch and position; W and b may differ, B and N must match (else ValueError)."""
+        for key, mine in (("global_batch_size", self.global_batch_size), ("dataset_size", self.dataset_size)):
+            if int(state[key]) != mine:
+                raise ValueError(
+                    f"cannot resume: checkpoint {key} {int(state[key])} differs from this sampler's {mine}; "
+                    "the global order depends on it"
+                )
+        consumed = _as_int("samples_consumed", state["samples_consumed"], 0)
+        boundary = consumed % self.global_batch_size == 0 or consumed == self.dataset_size
+        if consumed > self.dataset_size or not boundary:
+            raise ValueError(
+                f"samples_consumed {consumed} is not an iteration boundary for dataset_size "
+                f"{self.dataset_size} and global_batch_size {self.global_batch_size}"
+            )
+        self.seed = _as_int("seed", state["seed"], 0)
+        self.epoch = _as_int("epoch", state["epoch"], 0)
+        self._reposition(consumed)
+
+    # --------------------------------------------------------------------------------------- iteration
+    def __iter__(self) -> Iterator[list[int]]:
+        """Yield this rank's micro-batches from the current position to the end of the current epoch.
+
+        An iteration counts as consumed when its k-th micro-batch is handed out. Call set_epoch(e + 1) to
+        start the next epoch; iterating again without it yields nothing once the epoch is finished.
+        """
+        self._generation += 1
+        return self._generate(self._generation, self.iterations_consumed)
+
+    def _generate(self, generation: int, first: int) -> Iterator[list[int]]:
+        perm, last = self._permutation(), self.iterations_per_epoch
+        block_iterations, per_iteration = 1, self.micro_batch_size * self.grad_accum_steps
+        max_block = max(1, _MAX_CHUNK_INDICES // per_iteration)
+        while first < last:
+            # Permute several iterations' positions in one vectorised call; the block grows so the first
+            # batch comes out fast.
+            stop = min(last, first + block_iterations)
+            positions, sizes = self._rank_positions(first, stop)
+            indices = self._indices(positions, perm).tolist()
+            offset = 0
+            for iteration in range(first, stop):
+                for micro_step, size in enumerate(sizes[iteration - first]):
+                    batch, offset = indices[offset : offset + size], offset + size
+                    if micro_step == self.grad_accum_steps - 1 and generation == self._generation:
+                        end = (iteration + 1) * self.global_batch_size
+                        self._samples_consumed = min(end, self.dataset_size)
+                    yield batch
+            first, block_iterations = stop, min(2 * block_iterations, max_block)
+
+    def _rank_positions(self, first: int, stop: int) -> tuple[np.ndarray, list[list[int]]]:
+        """Epoch positions of this rank's cells in iterations [first, stop) and their sizes per
+        [iteration][micro_step]."""
+        cells, pieces, sizes = self.grad_accum_steps * self.world_size, [], []
+        for iteration in range(first, stop):
+            base, n = iteration * self.global_batch_size, self.global_count(iteration)
+            row = []
+            for micro_step in range(self.grad_accum_steps):
+                start, size = _split(n, cells, micro_step * self.world_size + self.rank)
+                pieces.append(np.arange(base + start, base + start + size, dtype=np.int64))
+                row.append(size)
+            sizes.append(row)
+        return np.concatenate(pieces), sizes
+
+    def _permutation(self) -> Permutation | None:
+        return Permutation(self.dataset_size, self.seed, self.epoch) if self.shuffle else None
+
+    @staticmethod
+    def _indices(positions: np.ndarray, perm: Permutation | None) -> np.ndarray:
+        return positions if perm is None else perm(positions)
+
+
+def collate_allow_empty(batch: list[Any], collate_fn: Callable[[list[Any]], Any] = default_collate) -> Any:
+    """Collate function that returns None for an empty micro-batch (default_collate fails on []).
+
+    Pass ``collate_fn=collate_allow_empty`` to the DataLoader, or a functools.partial with your collate_fn.
+    """
+    return None if len(batch) == 0 else collate_fn(batch)
+
+
+class EvalSampler(Sampler[list[int]]):
+    """Exact evaluation shard: each index in [0, N) goes to exactly one rank, no padding, no duplicates.
+
+    Rank r gets the contiguous range [r·q + min(r, s), (r+1)·q + min(r+1, s)) with q, s = divmod(N, W), so
+    counts differ by at most one and may be 0. Ranks run different numbers of forward passes: evaluate the
+    unwrapped module (no per-batch collectives) and combine with `reduce_metric_sums`.
+    """
+
+    def __init__(self, dataset_size: int, world_size: int, rank: int, batch_size: int) -> None:
+        self.dataset_size = _as_int("dataset_size", dataset_size, 0)
+        self.world_size = _as_int("world_size", world_size, 1)
+        self.rank = _as_int("rank", rank, 0)
+        self.batch_size = _as_int("batch_size", batch_size, 1)
+        if self.rank >= self.world_size:
+            raise ValueError(f"rank {self.rank} is out of range for world_size {self.world_size}")
+        self.start, self.num_samples = _split(self.dataset_size, self.world_size, self.rank)
+
+    def __len__(self) -> int:
+        """Batches of this rank (the last one may be short)."""
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        stop = self.start + self.num_samples
+        for first in range(self.start, stop, self.batch_size):
+            yield list(range(first, min(first + self.batch_size, stop)))
+
+
+def reduce_metric_sums(
+    sums: Mapping[str, float], device: torch.device | str | None = None, group: Any = None
+) -> dict[str, float]:
+    """Sum metric numerators and counts over all ranks (float64 all-reduce); identity without a process group.
+
+    Every rank must pass the same keys. Reduce sums (e.g. ``{"correct": 37, "count": 50}``) and divide
+    afterwards: integer sums below 2**53 are exact, so accuracy equals the single-process value exactly.
+    """
+    keys = sorted(sums)
+    if not (dist.is_available() and dist.is_initialized()):
+        return {key: float(sums[key]) for key in keys}
+    if device is None:
+        nccl = dist.get_backend(group) == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    values = torch.tensor([float(sums[key]) for key in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
+    return dict(zip(keys, values.tolist(), strict=True))

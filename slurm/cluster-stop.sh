@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Stop the test cluster started by slurm/cluster-start.sh DIR: slurmd, slurmctld, then munged,
+# each by its PID file in DIR. Jobs still running are killed with slurmd. Nothing in DIR is deleted
+# (job outputs, logs and the saved state stay for inspection).
+set -uo pipefail
+
+[ $# -eq 1 ] || { echo "usage: $0 DIR" >&2; exit 1; }
+DIR="$1"
+[ -d "$DIR" ] || { echo "cluster-stop: no such directory: $DIR" >&2; exit 1; }
+
+stop() {  # stop NAME PIDFILE: TERM, wait up to 10 s, then KILL
+    local name=$1 pidfile=$2 pid
+    [ -s "$pidfile" ] || return 0
+    pid="$(cat "$pidfile")"
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -TERM "$pid"
+        for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        if kill -0 "$pid" 2>/dev/null; then
+            echo "cluster-stop: $name ($pid) ignored TERM for 10 s, killing" >&2
+            kill -KILL "$pid" 2>/dev/null
+        fi
+    fi
+    rm -f "$pidfile"
+}
+
+stop slurmd "$DIR/slurmd.pid"
+stop slurmctld "$DIR/slurmctld.pid"
+stop munged "$DIR/munge/munged.pid"
+echo "cluster-stop: stopped the cluster in $DIR" >&2
