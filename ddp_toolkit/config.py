@@ -162,6 +162,8 @@ class TrainConfig(_Section):
     deepspeed_config: str | None = None
     """DeepSpeed JSON; checked against the plan (train_batch_size etc.)."""
     zero_stage: int = Field(0, ge=0, le=3)
+    halt_at: int | None = Field(None, gt=0)
+    """Checkpoint and stop after this iteration (resume later with train.resume=auto)."""
     allow_config_change: bool = False
     """Resume even if global batch, dataset size or seed differ from the checkpoint's."""
     num_workers: int = Field(0, ge=0)

@@ -106,8 +106,8 @@ def distributed(env: DistEnv, timeout_s: float = 600) -> Iterator[DistEnv]:
     """Initialise the process group when W > 1 (and set the device); tear it down only if we made it."""
     created = False
     if env.is_distributed and not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", env.master_addr)
-        os.environ.setdefault("MASTER_PORT", str(env.master_port))
+        os.environ["MASTER_ADDR"] = env.master_addr
+        os.environ["MASTER_PORT"] = str(env.master_port)
         if env.device.type == "cuda":
             torch.cuda.set_device(env.device)
         dist.init_process_group(env.backend, rank=env.rank, world_size=env.world_size,

@@ -8,6 +8,7 @@ No torch import at module level; only `build_scheduler` imports it.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -41,6 +42,10 @@ def _check_positive(name: str, value: float) -> None:
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not number or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 # ---- large-batch scaling rules ----------------------------------------------------------------------
@@ -99,7 +104,8 @@ class Schedule:
       s = warmup_start_factor, so the first step uses s·peak and i = W is exactly peak.
     - constant: peak for every i >= W.
     - cosine: lr = min_lr + (peak − min_lr)·(1 + cos(π·p))/2 with p = (i − W)/(T − W), T = total_iterations;
-      reaches min_lr at i = T (the last step, i = T−1, is just above it) and stays there for i > T.
+      reaches min_lr at i = T (the last step, i = T−1, is just above it) and stays there for i > T
+      (when W = T there is no decay phase and the lr stays at peak).
     - step: lr = max(min_lr, peak·step_gamma**n), n = number of milestones m <= i (milestones in
       iterations, each in (W, T]).
     """
@@ -123,12 +129,11 @@ class Schedule:
 
     def __post_init__(self) -> None:
         _check_positive("peak_lr", self.peak_lr)
-        if isinstance(self.total_iterations, bool) or not isinstance(self.total_iterations, int):
-            raise ValueError(f"total_iterations must be an int, got {self.total_iterations!r}")
+        for name in ("total_iterations", "warmup_iterations"):
+            if not _is_int(getattr(self, name)):
+                raise ValueError(f"{name} must be an int, got {getattr(self, name)!r}")
         if self.total_iterations < 1:
             raise ValueError(f"total_iterations must be >= 1, got {self.total_iterations}")
-        if isinstance(self.warmup_iterations, bool) or not isinstance(self.warmup_iterations, int):
-            raise ValueError(f"warmup_iterations must be an int, got {self.warmup_iterations!r}")
         if not 0 <= self.warmup_iterations <= self.total_iterations:
             raise ValueError(
                 f"warmup_iterations {self.warmup_iterations} must be in [0, total_iterations "
@@ -153,7 +158,7 @@ class Schedule:
             raise ValueError(f"step_gamma must be in (0, 1], got {self.step_gamma!r}")
         w, t = self.warmup_iterations, self.total_iterations
         for m in milestones:
-            if isinstance(m, bool) or not isinstance(m, int) or not w < m <= t:
+            if not _is_int(m) or not w < m <= t:
                 raise ValueError(
                     f"step milestone {m!r} must be an int iteration in (warmup_iterations {w}, "
                     f"total_iterations {t}]"
@@ -172,7 +177,7 @@ class Schedule:
         if self.decay == "constant":
             return peak
         if self.decay == "cosine":
-            progress = 1.0 if t == w else min(1.0, (iteration - w) / (t - w))
+            progress = 0.0 if t == w else min(1.0, (iteration - w) / (t - w))  # t == w: no decay phase
             return self.min_lr + (peak - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
         passed = sum(1 for m in self.step_milestones if m <= iteration)
         return max(self.min_lr, peak * self.step_gamma**passed)

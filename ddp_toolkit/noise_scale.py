@@ -12,6 +12,8 @@ Pitfalls:
   and only once |G|² is clearly positive. The ratio of EMAs is itself slightly biased.
 - It needs two different batch sizes: W >= 2 ranks, or with W = 1 two groups of micro-batches.
 - Pass the mean over ranks of the local squared norms as small_sq_norm: same expectation, lower variance.
+- Both norms are of mean gradients. With a loss normalised by the global count B, a rank's gradient
+  before the all-reduce is (B_small/B)·G_small: multiply it by B/B_small before squaring.
 - Read the gradients before `optimizer.step()`: some optimizers (pytorch_optimizer's LARS) modify them.
 """
 

@@ -129,13 +129,13 @@ def master_port_for_job(job_id: int) -> int:
 
 def _parse_signal(spec: str) -> tuple[str, str]:
     """`B:USR1@90` -> (`B:USR1@90`, `USR1`): the --signal value and the name the shell traps."""
-    match = re.fullmatch(r"(?:([RB]{1,2}):)?(?:SIG)?([A-Z][A-Z0-9]*|\d+)(?:@\d+)?", spec)
+    match = re.fullmatch(r"(?:([RB]{1,2}):)?(?:SIG)?([A-Z][A-Z0-9]*|\d+)(?:@\d+)?", spec, flags=re.I)
     if not match or "B" not in (match.group(1) or ""):
         raise ValueError(
             f"signal {spec!r} must look like 'B:USR1@90': the 'B:' prefix sends it to the batch shell,"
             " which turns it into the preemption flag file"
         )
-    return spec, match.group(2)
+    return spec, match.group(2).upper()
 
 
 def _check_text(**values: object) -> None:
@@ -173,14 +173,16 @@ def _preamble(run_dir: str, warn_signal: str | None, requeue: bool) -> list[str]
     lines = [
         "# Rendezvous on the first host; the port is ddp_toolkit.slurm.master_port_for_job(job id),",
         "# the same on every node and after a requeue.",
-        'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"',
+        'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"',
+        '[ -n "$MASTER_ADDR" ] || { echo "ddp_toolkit: no first host in \'$SLURM_JOB_NODELIST\'" >&2; exit 1; }',
+        "export MASTER_ADDR",
         f"export MASTER_PORT=$(( {MASTER_PORT_BASE} + SLURM_JOB_ID % {MASTER_PORT_SPAN} ))",
         "# The trainer checkpoints and exits 0 at the next iteration once this file exists.",
         f"export {PREEMPT_ENV}={flag}",
         f'rm -f "${PREEMPT_ENV}"',
         "",
         "signals_seen=0",
-        "requeue_wanted=0",
+        *(["requeue_wanted=0"] if requeue else []),
         f'on_term() {{ signals_seen=$((signals_seen + 1)); touch "${PREEMPT_ENV}"; }}',
         "trap on_term TERM",
     ]

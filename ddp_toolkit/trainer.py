@@ -220,6 +220,9 @@ class Trainer:
                     last_eval = self.evaluate()
                 if ckpt_every and it % ckpt_every == 0 and not last:
                     self.save()
+                if train.halt_at == it and not last:
+                    self._halt()
+                    return
                 if self.progress.iteration_in_epoch == 0:
                     break  # epoch finished: next epoch's order
         self.save()
@@ -441,6 +444,13 @@ class Trainer:
             os.replace(tmp, final / "model.safetensors")
         self.engine.barrier()
 
+    def _halt(self) -> None:
+        """train.halt_at: checkpoint and return as if preempted, without requeueing (resume continues)."""
+        path = self.save()
+        self.reporter.warn(f"halted at iteration {self.progress.iteration} (train.halt_at); checkpoint "
+                           f"{path.name}; run again with train.resume=auto to continue")
+        self.summary = {"halted": True, "iteration": self.progress.iteration}
+
     def _preempt(self) -> None:
         """Checkpoint now; rank 0 asks SLURM to requeue the job; exit with EXIT_PREEMPTED."""
         path = self.save()
@@ -480,7 +490,7 @@ class Trainer:
         return info
 
 
-def train_from_config(cfg: Config, env: DistEnv | None = None) -> dict:
+def train_from_config(cfg: Config, env: DistEnv | None = None, **trainer_kwargs) -> dict:
     """Build the configured data and model (seeded by train.seed) and train; returns the summary."""
     from ddp_toolkit.data import build_data
     from ddp_toolkit.models import build_model
@@ -494,7 +504,7 @@ def train_from_config(cfg: Config, env: DistEnv | None = None) -> dict:
     if cfg.model.dtype == "float64":
         train_set = _cast(train_set, torch.float64)
         eval_set = _cast(eval_set, torch.float64) if eval_set is not None else None
-    return Trainer(model, train_set, cfg, eval_set=eval_set, env=env).fit()
+    return Trainer(model, train_set, cfg, eval_set=eval_set, env=env, **trainer_kwargs).fit()
 
 
 def _cast(data: Dataset, dtype: torch.dtype) -> Dataset:

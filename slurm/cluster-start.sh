@@ -20,6 +20,8 @@ say() { echo "cluster-start: $*" >&2; }
 mkdir -p "$1"
 DIR="$(cd "$1" && pwd)"
 CONF="$DIR/slurm.conf"
+# A unix socket path must fit in sockaddr_un (108 bytes).
+[ ${#DIR} -le 80 ] || die "directory path too long for the munge socket (${#DIR} > 80 characters): $DIR"
 NODE="$(hostname -s)"
 
 alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
@@ -130,7 +132,8 @@ main() {
             die "half-running cluster in $DIR; run slurm/cluster-stop.sh $DIR first"
         fi
         mkdir -p "$DIR/state" "$DIR/spool" "$DIR/log"
-        write_conf $(free_ports)
+        read -r ctld_port slurmd_port < <(free_ports)
+        write_conf "$ctld_port" "$slurmd_port"
         start_munge
         slurmctld -f "$CONF" || die "slurmctld failed to start, see $DIR/log/slurmctld.log"
         slurmd -f "$CONF" || die "slurmd failed to start, see $DIR/log/slurmd.log"

@@ -23,6 +23,17 @@ stop() {  # stop NAME PIDFILE: TERM, wait up to 10 s, then KILL
     rm -f "$pidfile"
 }
 
+# Cancel the jobs first: their slurmstepd processes would outlive slurmd.
+if [ -s "$DIR/slurmctld.pid" ] && kill -0 "$(cat "$DIR/slurmctld.pid")" 2>/dev/null; then
+    export SLURM_CONF="$DIR/slurm.conf"
+    jobs="$(squeue -h -o %i 2>/dev/null)"
+    if [ -n "$jobs" ]; then
+        # shellcheck disable=SC2086
+        scancel $jobs 2>/dev/null
+        for _ in $(seq 150); do [ -z "$(squeue -h -t R,CG -o %i 2>/dev/null)" ] && break; sleep 0.2; done
+    fi
+fi
+
 stop slurmd "$DIR/slurmd.pid"
 stop slurmctld "$DIR/slurmctld.pid"
 stop munged "$DIR/munge/munged.pid"

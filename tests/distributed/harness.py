@@ -1,0 +1,97 @@
+"""Real multi-process runs for the distributed tests: spawned gloo workers and the real launchers."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+import yaml
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[2]
+TRAIN_SCRIPT = REPO / "launch" / "train.py"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def small_config(run_dir: Path, **sections) -> dict:
+    """A float64 config on tiny synthetic data; `sections` update the defaults section by section."""
+    cfg = {
+        "run_dir": str(run_dir),
+        "data": {"name": "synthetic", "size": 64, "eval_size": 33, "features": 8, "classes": 3},
+        "model": {"name": "mlp", "hidden": [8], "dtype": "float64"},
+        "batch": {"micro_batch_size": 4, "global_batch_size": 16},
+        "optim": {"name": "sgd", "lr": 0.2, "momentum": 0.9},
+        "train": {"iterations": 8, "log_every": 1, "seed": 3},
+        "report": {"console": False},
+    }
+    for name, values in sections.items():
+        if isinstance(values, dict):
+            cfg.setdefault(name, {}).update(values)
+        else:
+            cfg[name] = values
+    return cfg
+
+
+def _train_worker(rank: int, world_size: int, port: int, raw: dict, kwargs: dict) -> None:
+    from ddp_toolkit.config import validate
+    from ddp_toolkit.dist import DistEnv
+    from ddp_toolkit.trainer import train_from_config
+
+    torch.set_num_threads(1)
+    env = DistEnv(rank=rank, local_rank=rank, world_size=world_size, local_world_size=world_size,
+                  master_port=port, launcher="test")
+    train_from_config(validate(raw), env=env, **kwargs)
+
+
+def spawn_train(raw: dict, world_size: int, **trainer_kwargs) -> Path:
+    """Train `raw` with `world_size` spawned gloo processes; returns run_dir."""
+    if world_size == 1:
+        _train_worker(0, 1, free_port(), raw, trainer_kwargs)
+    else:
+        mp.spawn(_train_worker, args=(world_size, free_port(), raw, trainer_kwargs), nprocs=world_size,
+                 join=True)
+    return Path(raw["run_dir"])
+
+
+def write_config(raw: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def torchrun(config: Path, nproc: int, *overrides: str, timeout: int = 300, max_restarts: int = 0,
+             env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run --nproc-per-node N launch/train.py CONFIG overrides` on loopback."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--local-addr=127.0.0.1", f"--max-restarts={max_restarts}",
+           str(TRAIN_SCRIPT), str(config), *overrides]
+    run_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=run_env, cwd=REPO)
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(Path(run_dir) / "final" / "model.safetensors")
+
+
+def checkpoint_weights(run_dir: Path, iteration: int) -> dict[str, torch.Tensor]:
+    return load_file(Path(run_dir) / "checkpoints" / f"it{iteration:08d}" / "model.safetensors")
+
+
+def metrics(run_dir: Path, kind: str = "train") -> list[dict]:
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r.get("kind") == kind]
+
+
+def max_rel_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-300)) for k in a)
