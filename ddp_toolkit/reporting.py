@@ -15,6 +15,14 @@ from rich.table import Table
 from ddp_toolkit.plan import BatchPlan
 
 
+def make_console() -> Console:
+    """A console that wraps at 120 columns in log files instead of rich's 80."""
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=120)
+    return console
+
+
 def _fmt(x: float) -> str:
     """Numbers as people read them: integers plain, floats to 6 significant digits."""
     if isinstance(x, float) and not x.is_integer():
@@ -57,8 +65,8 @@ def plan_rows(plan: BatchPlan, info: dict) -> list[tuple[str, str]]:
 
 def print_plan_table(plan: BatchPlan, info: dict, console: Console | None = None) -> None:
     """The plan as a two-column table (plain text when stdout is not a terminal)."""
-    console = console or Console()
-    table = Table(title="batch plan", show_header=False, box=None if not console.is_terminal else None)
+    console = console or make_console()
+    table = Table(title="batch plan", show_header=False, box=None)
     table.add_column("what", style="bold")
     table.add_column("value")
     for label, value in plan_rows(plan, info):
@@ -105,7 +113,7 @@ class Reporter:
     def __init__(self, cfg, env, plan: BatchPlan, enabled: bool = True, console: Console | None = None) -> None:
         self.cfg, self.env, self.plan, self.enabled = cfg, env, plan, enabled
         self.run_dir = Path(cfg.run_dir)
-        self.console = console or Console(stderr=False, highlight=False)
+        self.console = console or make_console()
         self.last_metrics: dict = {}
         self.last_loss: float | None = None
         self._bar = None
@@ -190,7 +198,7 @@ class Reporter:
 
 def print_summary(summary: dict, console: Console | None = None) -> None:
     """The end-of-run summary as a two-column table."""
-    console = console or Console(highlight=False)
+    console = console or make_console()
     table = Table(title="summary", show_header=False, box=None)
     table.add_column("what", style="bold")
     table.add_column("value")

@@ -58,7 +58,10 @@ def _split(n: int, num_cells: int, cell: int) -> tuple[int, int]:
 class GlobalBatchSampler(Sampler[list[int]]):
     """Batch sampler yielding this rank's micro-batches (k per iteration) of a world-size-invariant order.
 
-    Use it as ``DataLoader(dataset, batch_sampler=sampler)``; the layout rule is in the module docstring.
+    Use it as ``DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_allow_empty)``; the layout rule
+    is in the module docstring. The DataLoader iterates the batch sampler in the main process even with
+    num_workers > 0, so the position tracked here stays in this object; but workers prefetch, so the count
+    can run ahead of training: checkpoint with ``state_dict(iterations_done=...)`` from the trainer's counter.
     """
 
     def __init__(

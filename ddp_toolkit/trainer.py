@@ -198,7 +198,7 @@ class Trainer:
         return self.summary
 
     def _run(self) -> None:
-        plan, train = self.plan, self.cfg.train
+        train = self.cfg.train
         eval_every = self._iterations(train.eval_every) if train.eval_every else 0
         ckpt_every = self._iterations(train.checkpoint_every) if train.checkpoint_every else 0
         t0, last_eval = time.perf_counter(), None
@@ -272,7 +272,7 @@ class Trainer:
             loss_sum += losses.detach().double().sum()
         grad_norm = self._clip_and_step()
         self.progress.advance(samples, items, k, plan.iterations_per_epoch)
-        calls, rounds, nbytes = (a - b for a, b in zip(engine.comm.snapshot(), comm_before))
+        calls, rounds, nbytes = (a - b for a, b in zip(engine.comm.snapshot(), comm_before, strict=True))
         if measure:
             self._update_noise()
         return {"loss_sum": loss_sum, "items": items, "samples": samples, "grad_norm": grad_norm,
@@ -411,8 +411,9 @@ class Trainer:
         try:
             self.engine.load_model_state(weights)
         except RuntimeError as err:
-            raise ckpt.CheckpointError(f"checkpoint {path} does not fit this model: "
-                                       f"{str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err}") from None
+            lines = str(err).splitlines()
+            detail = lines[1].strip() if len(lines) > 1 else lines[0]
+            raise ckpt.CheckpointError(f"checkpoint {path} does not fit this model: {detail}") from None
         self.engine.load_optimizer_state(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.progress.load_state_dict(state["progress"])

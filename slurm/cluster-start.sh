@@ -17,11 +17,11 @@ say() { echo "cluster-start: $*" >&2; }
 
 [ $# -eq 1 ] || die "usage: $0 DIR"
 [ "$(id -u)" -eq 0 ] || die "must run as root (slurmd and munged start as root)"
-mkdir -p "$1"
-DIR="$(cd "$1" && pwd)"
-CONF="$DIR/slurm.conf"
+DIR="$(realpath -m "$1")"
 # A unix socket path must fit in sockaddr_un (108 bytes).
 [ ${#DIR} -le 80 ] || die "directory path too long for the munge socket (${#DIR} > 80 characters): $DIR"
+mkdir -p "$DIR"
+CONF="$DIR/slurm.conf"
 NODE="$(hostname -s)"
 
 alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }

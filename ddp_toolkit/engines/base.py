@@ -96,7 +96,7 @@ class Engine(ABC):
         if self.env.is_distributed and torch.distributed.is_initialized():
             torch.distributed.barrier()
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, most engines hold nothing to release
         """Release engine resources (hooks, wrappers)."""
 
 

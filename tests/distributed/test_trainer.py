@@ -11,8 +11,16 @@ from ddp_toolkit.config import validate
 from ddp_toolkit.data import build_data
 from ddp_toolkit.models import build_model
 from ddp_toolkit.sampler import GlobalBatchSampler
-from tests.distributed.harness import (checkpoint_weights, final_weights, max_rel_error, metrics, small_config,
-                                       spawn_train, torchrun, write_config)
+from tests.distributed.harness import (
+    checkpoint_weights,
+    final_weights,
+    max_rel_error,
+    metrics,
+    small_config,
+    spawn_train,
+    torchrun,
+    write_config,
+)
 
 pytestmark = pytest.mark.distributed
 
