@@ -67,6 +67,11 @@ def _empty_like(batch):
     return batch
 
 
+def _batch_as_is(batch):
+    """Collate for datasets whose `__getitems__` already returns a batch (picklable for worker processes)."""
+    return batch
+
+
 class _StopFlag:
     """Set by SIGUSR1 / SIGTERM (SLURM's warning and kill signals) or by a PREEMPT file in run_dir."""
 
@@ -179,7 +184,7 @@ class Trainer:
 
     def _collate(self):
         if hasattr(self.train_set, "__getitems__"):
-            return lambda batch: batch  # the dataset already returns a whole batch
+            return _batch_as_is  # the dataset already returns a whole batch
         return collate_allow_empty
 
     # ---- the loop ------------------------------------------------------------------------------------

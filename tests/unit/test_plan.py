@@ -146,3 +146,12 @@ def test_plan_is_frozen():
     plan = BatchPlan(100, 10, 1, 1)
     with pytest.raises(AttributeError):
         plan.world_size = 2
+
+
+def test_plan_module_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, ddp_toolkit.plan; from ddp_toolkit import BatchPlan; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
