@@ -184,6 +184,25 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     return subprocess.call(launch_command(args), env=env)
 
 
+# ---- report -------------------------------------------------------------------------------------------
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="plot a run's metrics.jsonl to PNG and print its summary")
+    p.add_argument("run_dir", help="a run directory holding metrics.jsonl")
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ddp_toolkit.reporting import report_run
+
+    try:
+        report_run(Path(args.run_dir))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    return 0
+
+
 # ---- main -----------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ddp-toolkit", description=__doc__.splitlines()[0])
@@ -193,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_plan, _add_train, _add_launch]
+_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_plan, _add_train, _add_launch, _add_report]
 
 
 def main(argv: list[str] | None = None) -> int:

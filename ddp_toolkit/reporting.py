@@ -290,3 +290,80 @@ class WandbSink:
                 self.run.finish()
             except Exception as err:
                 self.warn(f"wandb finish failed ({type(err).__name__})")
+
+
+# ---- after the run: `ddp-toolkit report RUN_DIR` --------------------------------------------------------------
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(train rows, eval rows) of run_dir/metrics.jsonl."""
+    path = Path(run_dir) / "metrics.jsonl"
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as err:
+        raise ValueError(f"cannot read {path}: {err.strerror}") from None
+    rows = [json.loads(line) for line in lines if line.strip()]
+    return [r for r in rows if r.get("kind", "train") == "train"], [r for r in rows if r.get("kind") == "eval"]
+
+
+def write_plots(run_dir: Path) -> list[Path]:
+    """PNG plots of a run: loss vs iteration and vs samples seen, lr vs iteration (epoch boundaries marked)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, evals = read_metrics(run_dir)
+    if not train:
+        raise ValueError(f"{Path(run_dir) / 'metrics.jsonl'} has no training rows")
+    it = [r["iteration"] for r in train]
+    boundaries = _epoch_boundaries(train)
+    out = []
+    specs = [("loss_vs_iteration.png", it, "loss", "iteration"),
+             ("loss_vs_samples.png", [r["samples_seen"] for r in train], "loss", "samples seen (all ranks)"),
+             ("lr_vs_iteration.png", it, "lr", "iteration")]
+    for name, xs, key, xlabel in specs:
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+        ax.plot(xs, [r[key] for r in train], marker="." if len(xs) < 60 else None, label=f"train {key}")
+        if key == "loss" and evals:
+            ex = [r["iteration"] if xlabel == "iteration" else r["samples_seen"] for r in evals]
+            ax.plot(ex, [r["eval_loss"] for r in evals], "o--", label="eval loss")
+        if xlabel == "iteration":
+            for b in boundaries:
+                ax.axvline(b, color="grey", linewidth=0.6, linestyle=":")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(key)
+        ax.set_title(f"{key} (global batch {train[0]['global_batch_size']}; dotted lines: epoch ends)"
+                     if xlabel == "iteration" else f"{key} vs samples seen")
+        ax.legend()
+        fig.tight_layout()
+        path = Path(run_dir) / name
+        fig.savefig(path)
+        plt.close(fig)
+        out.append(path)
+    return out
+
+
+def _epoch_boundaries(rows: list[dict]) -> list[int]:
+    """Iterations at which a whole epoch ends, from the logged (iteration, epoch) pairs."""
+    per_iteration = rows[-1]["epoch"] / rows[-1]["iteration"] if rows[-1]["iteration"] else 0
+    if per_iteration <= 0:
+        return []
+    ipe = round(1 / per_iteration)
+    return list(range(ipe, rows[-1]["iteration"] + 1, ipe))
+
+
+def report_run(run_dir: Path, console: Console | None = None) -> list[Path]:
+    """Write the plots and print the summary again (from summary.json, or from the metrics)."""
+    console = console or make_console()
+    paths = write_plots(run_dir)
+    summary_path = Path(run_dir) / "summary.json"
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+    else:
+        train, _ = read_metrics(run_dir)
+        last = train[-1]
+        summary = {"iterations": last["iteration"], "epochs": last["epoch"], "samples_seen": last["samples_seen"],
+                   "final_loss": last["loss"], "note": "run unfinished: no summary.json"}
+    print_summary(summary, console)
+    for path in paths:
+        console.print(f"wrote {path}")
+    return paths

@@ -147,6 +147,17 @@ def _check_text(**values: object) -> None:
                 raise ValueError(f"{name} must not contain a line break: {item!r}")
 
 
+def _check_counts(*, nodes: int, nproc_per_node: int, gpus_per_node: int, mode: str) -> None:
+    """Reject impossible sizes and unknown modes, naming every value."""
+    if nodes < 1 or nproc_per_node < 1 or gpus_per_node < 0:
+        raise ValueError(
+            f"need nodes >= 1, nproc_per_node >= 1, gpus_per_node >= 0; got nodes={nodes}, "
+            f"nproc_per_node={nproc_per_node}, gpus_per_node={gpus_per_node}"
+        )
+    if mode not in ("torchrun", "task-per-gpu"):
+        raise ValueError(f"mode must be 'torchrun' or 'task-per-gpu', got {mode!r}")
+
+
 def _header(
     *, job_name: str, run_dir: str, nodes: int, ntasks_per_node: int, gpus_per_node: int,
     partition: str | None, time: str | None, account: str | None, cpus_per_task: int | None,
@@ -295,13 +306,7 @@ def render_sbatch(
                 partition=partition, time=time, account=account, mem=mem, python=python,
                 extra_sbatch=list(extra_sbatch))
     nproc = nproc_per_node if nproc_per_node is not None else (gpus_per_node or 1)
-    if nodes < 1 or nproc < 1 or gpus_per_node < 0:
-        raise ValueError(
-            f"need nodes >= 1, nproc_per_node >= 1, gpus_per_node >= 0; got nodes={nodes}, "
-            f"nproc_per_node={nproc}, gpus_per_node={gpus_per_node}"
-        )
-    if mode not in ("torchrun", "task-per-gpu"):
-        raise ValueError(f"mode must be 'torchrun' or 'task-per-gpu', got {mode!r}")
+    _check_counts(nodes=nodes, nproc_per_node=nproc, gpus_per_node=gpus_per_node, mode=mode)
     signal_value, warn_signal = _parse_signal(signal) if signal is not None else (None, None)
     run_dir = run_dir.rstrip("/") or "/"
     header = _header(

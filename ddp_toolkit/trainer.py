@@ -34,8 +34,6 @@ from ddp_toolkit.sampler import EvalSampler, GlobalBatchSampler, collate_allow_e
 
 __all__ = ["Trainer", "TrainingStopped", "default_loss"]
 
-EXIT_PREEMPTED = 124
-
 
 class TrainingStopped(RuntimeError):
     """Training ended early on purpose (non-finite loss with on_nonfinite=stop); the message says where."""
@@ -73,11 +71,18 @@ def _batch_as_is(batch):
 
 
 class _StopFlag:
-    """Set by SIGUSR1 / SIGTERM (SLURM's warning and kill signals) or by a PREEMPT file in run_dir."""
+    """A stop request: SIGUSR1 / SIGTERM to this process, or the preemption flag file.
+
+    The SLURM batch script touches `$DDP_TOOLKIT_PREEMPT_FILE` (default `run_dir/PREEMPT`) when it gets the
+    warning signal or SIGTERM, because torchrun does not forward SIGUSR1 to its workers.
+    """
 
     def __init__(self, run_dir: Path) -> None:
+        from ddp_toolkit.slurm import PREEMPT_ENV, PREEMPT_FILE_NAME
+
         self.signal: str | None = None
-        self.file = run_dir / "PREEMPT"
+        self.file = Path(os.environ.get(PREEMPT_ENV) or run_dir / PREEMPT_FILE_NAME)
+        self.watched = PREEMPT_ENV in os.environ
         self._old: dict[int, object] = {}
 
     def install(self) -> None:
@@ -216,11 +221,12 @@ class Trainer:
                 row = self._iteration(batches)
                 it = self.progress.iteration
                 last = it == self.total_iterations
-                if it % train.log_every == 0 or last:
+                logged = it % train.log_every == 0 or last
+                if logged:
                     self._log(row)
-                    if self._stop_requested():
-                        self._preempt()
-                        return
+                if self._stop_requested(logged) and not last:
+                    self._preempt()
+                    return
                 if self.eval_set is not None and ((eval_every and it % eval_every == 0) or last):
                     last_eval = self.evaluate()
                 if ckpt_every and it % ckpt_every == 0 and not last:
@@ -330,7 +336,7 @@ class Trainer:
     def _log(self, row: dict) -> None:
         stop = 1.0 if self.stop_flag.requested() else 0.0
         loss_sum, stop = all_reduce_sum([float(row["loss_sum"]), stop], self.env.device)
-        self._stop_votes, items = stop, row["items"]  # items is already the global count
+        self._stop_votes, items = stop, row["items"]  # items is already the global count; one reduce for both
         now = time.perf_counter()
         window_seconds, self._window_start = now - self._window_start, now
         window_samples, self._window_samples = self.progress.samples_seen - self._window_samples, \
@@ -352,7 +358,14 @@ class Trainer:
             metrics["grad_noise_scale"] = self.noise.noise_scale
         self.reporter.log(metrics)
 
-    def _stop_requested(self) -> bool:
+    def _stop_requested(self, logged: bool) -> bool:
+        """Did any rank get a stop request? Every iteration under SLURM (one tiny all-reduce), else when logging.
+
+        All ranks take part in the same reductions, so they all stop after the same iteration.
+        """
+        if not logged and self.stop_flag.watched:
+            requested = 1.0 if self.stop_flag.requested() else 0.0
+            self._stop_votes = all_reduce_sum([requested], self.env.device)[0]
         return self._stop_votes > 0
 
     @torch.no_grad()
@@ -458,17 +471,15 @@ class Trainer:
         self.summary = {"halted": True, "iteration": self.progress.iteration}
 
     def _preempt(self) -> None:
-        """Checkpoint now; rank 0 asks SLURM to requeue the job; exit with EXIT_PREEMPTED."""
-        path = self.save()
-        self.reporter.warn(f"stop requested ({self.stop_flag.signal or 'by another rank'}): checkpoint "
-                           f"{path.name} written at iteration {self.progress.iteration}")
-        if self.env.is_main and self.env.slurm_job_id:
-            from ddp_toolkit.slurm import requeue
+        """Checkpoint after the current iteration and return (exit code 0).
 
-            with contextlib.suppress(Exception):
-                requeue(int(self.env.slurm_job_id))
+        Under SLURM the batch script requeues the job once the step has exited cleanly; the requeued job
+        resumes from this checkpoint with train.resume=auto.
+        """
+        path = self.save()
+        self.reporter.warn(f"stop requested ({self.stop_flag.signal or 'on another rank'}): checkpoint "
+                           f"{path.name} written at iteration {self.progress.iteration}")
         self.summary = {"preempted": True, "iteration": self.progress.iteration}
-        raise SystemExit(EXIT_PREEMPTED)
 
     def _finish(self, seconds: float, last_eval: dict | None) -> None:
         p = self.progress

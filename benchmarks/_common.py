@@ -1,0 +1,92 @@
+"""Shared pieces of the side-by-side benchmarks: device choice, spawning W workers, machine description.
+
+A benchmark spawns its W processes once (torch.multiprocessing, one CPU thread each), every worker runs
+all variants in turn inside the same process group, and rank 0 hands its result back as a JSON file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import tempfile
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def resolve_device(requested: str, world_size: int) -> str:
+    """`auto` → `cuda` (nccl) when at least `world_size` GPUs are visible, else `cpu` (gloo)."""
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "cpu"
+    if requested == "cuda" and torch.cuda.device_count() < world_size:
+        raise SystemExit(f"--device cuda needs {world_size} GPUs, found {torch.cuda.device_count()}")
+    return requested
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def machine() -> dict:
+    """What the figures were measured on: CPU model, cores, torch version and, on GPU, the device name."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    out = {"cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
+    try:
+        import accelerate
+
+        out["accelerate"] = accelerate.__version__
+    except ImportError:
+        out["accelerate"] = None
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+        out["gpu_count"] = torch.cuda.device_count()
+    return out
+
+
+def _worker(rank: int, world_size: int, port: int, device: str, fn: Callable, spec: dict, out: str) -> None:
+    # the variables torchrun would set: Accelerate's state reads them
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=600))
+    try:
+        result = fn(rank, world_size, port, device, spec)
+        if rank == 0:
+            Path(out).write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn: Callable, spec: dict, world_size: int, device: str) -> dict:
+    """Run `fn(rank, world_size, port, device, spec)` in `world_size` fresh processes; rank 0's return value.
+
+    One thread per process (OMP_NUM_THREADS=1 also stops Accelerate from choosing its own thread count).
+    With device `cpu` on a GPU machine the GPUs are hidden from the workers.
+    """
+    os.environ["OMP_NUM_THREADS"] = "1"
+    if device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    with tempfile.TemporaryDirectory(prefix="ddp_bench_") as tmp:
+        out = os.path.join(tmp, "result.json")
+        mp.spawn(_worker, args=(world_size, free_port(), device, fn, spec, out), nprocs=world_size, join=True)
+        return json.loads(Path(out).read_text())
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
