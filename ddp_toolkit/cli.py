@@ -10,6 +10,7 @@ import json
 import sys
 from collections.abc import Callable
 
+from ddp_toolkit import sweep as _sweep
 from ddp_toolkit.plan import BatchPlan
 
 EXIT_USAGE = 2
@@ -173,11 +174,14 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     import subprocess
 
     from ddp_toolkit.config import load_config
+    from ddp_toolkit.trainer import preflight
 
-    cfg = load_config(args.config, args.overrides)  # fail fast, once, before any worker starts
-    check_run_dir(cfg.run_dir)
     if args.nproc_per_node < 1:
         raise UsageError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
+    cfg = load_config(args.config, args.overrides)  # fail fast, once, before any worker starts
+    check_run_dir(cfg.run_dir)
+    if args.nnodes.isdigit():
+        preflight(cfg, args.nproc_per_node * int(args.nnodes))
     import os
 
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
@@ -203,6 +207,151 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- slurm ----------------------------------------------------------------------------------------------
+EXIT_SLURM = 1
+"""Exit code when a Slurm command fails (sbatch refused the job, unknown job id, no Slurm here)."""
+
+
+class _IntermixedParser(_Parser):
+    """Options and `key=value` overrides in any order: `slurm submit CONFIG --nodes 2 optim.lr=0.1`."""
+
+    _inner = False
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        if self._inner:  # Python < 3.12 calls back in here from parse_known_intermixed_args
+            return super().parse_known_args(args, namespace)
+        self._inner = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inner = False
+
+
+def _add_slurm(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("slurm", help="submit a training run to SLURM; show a job; cancel or signal it")
+    jobs = p.add_subparsers(dest="slurm_command", required=True, parser_class=_IntermixedParser)
+    s = jobs.add_parser("submit", help="render the sbatch script, write it to run_dir/job.sbatch and submit it")
+    s.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    s.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (default 0: CPU workers)")
+    s.add_argument("--nproc-per-node", type=int, help="workers per node (default: --gpus-per-node, or 1)")
+    s.add_argument("--mode", choices=["torchrun", "task-per-gpu"], default="torchrun",
+                   help="torchrun: one srun task per node starts the workers (default); task-per-gpu: one srun "
+                        "task per worker, ranks from SLURM's variables")
+    s.add_argument("--partition", help="#SBATCH --partition")
+    s.add_argument("--time", help="time limit, e.g. 24:00:00")
+    s.add_argument("--account", help="#SBATCH --account")
+    s.add_argument("--cpus-per-task", type=int, help="CPUs per srun task (repeated for srun)")
+    s.add_argument("--mem", help="memory per node, e.g. 480G")
+    s.add_argument("--signal", default="B:USR1@90",
+                   help="warning signal to the batch shell before the time limit: checkpoint, then requeue "
+                        "(default B:USR1@90; 'none' for no warning)")
+    s.add_argument("--no-requeue", action="store_true", help="checkpoint on the warning signal, but do not requeue")
+    s.add_argument("--job-name", help="default: the name of run_dir")
+    s.add_argument("--python", default=sys.executable, help="interpreter on the compute nodes (default: this one)")
+    s.add_argument("--sbatch-option", action="append", default=[], metavar="OPTION",
+                   help="one more #SBATCH option, e.g. --sbatch-option=--exclusive (repeatable)")
+    s.add_argument("--no-preflight", action="store_true",
+                   help="do not build the data set here to check the plan (e.g. data only on compute nodes)")
+    s.add_argument("--dry-run", action="store_true", help="print the script; write and submit nothing")
+    _add_config_args(s)
+    s.set_defaults(func=_cmd_slurm_submit)
+    st = jobs.add_parser("status", help="a job's state, restarts, exit code and nodes (scontrol show job)")
+    st.add_argument("job_id", type=int)
+    st.add_argument("--json", action="store_true", help="every field of `scontrol show job` as JSON")
+    st.set_defaults(func=_cmd_slurm_status)
+    c = jobs.add_parser("cancel", help="cancel a job, or only send its batch shell a signal")
+    c.add_argument("job_id", type=int)
+    c.add_argument("--signal", help="send this signal to the batch shell instead of cancelling: USR1 = "
+                                    "checkpoint and requeue, TERM = checkpoint and stop")
+    c.set_defaults(func=_cmd_slurm_cancel)
+
+
+def _slurm_failed(err: Exception) -> int:
+    print(f"error: {err}", file=sys.stderr, flush=True)
+    return EXIT_SLURM
+
+
+def _cmd_slurm_submit(args: argparse.Namespace) -> int:
+    import shutil
+    from pathlib import Path
+
+    from ddp_toolkit import slurm
+    from ddp_toolkit.config import load_config
+
+    if not Path("launch", "train.py").is_file():
+        raise UsageError("slurm submit: launch/train.py is not in the current directory; submit from the "
+                         "repository root (the job runs in the directory sbatch is called from)")
+    cfg = load_config(args.config, args.overrides)
+    run_dir = Path(cfg.run_dir).resolve()
+    nproc = args.nproc_per_node if args.nproc_per_node is not None else args.gpus_per_node or 1
+    try:
+        script = slurm.render_sbatch(
+            job_name=args.job_name or "-".join(run_dir.name.split()) or "ddp_toolkit", run_dir=str(run_dir),
+            config_path=str(run_dir / "job.yaml"), overrides=args.overrides, nodes=args.nodes,
+            gpus_per_node=args.gpus_per_node, nproc_per_node=nproc, partition=args.partition, time=args.time,
+            account=args.account, cpus_per_task=args.cpus_per_task, mem=args.mem,
+            signal=None if args.signal.lower() == "none" else args.signal, requeue=not args.no_requeue,
+            python=args.python, extra_sbatch=args.sbatch_option, mode=args.mode)
+    except ValueError as err:
+        raise UsageError(f"slurm submit: {err}") from None
+    if not args.no_preflight:
+        from ddp_toolkit.trainer import preflight
+
+        preflight(cfg, args.nodes * nproc)
+    if args.nproc_per_node is None and not args.gpus_per_node:
+        print("note: no --gpus-per-node and no --nproc-per-node: 1 CPU worker per node", file=sys.stderr)
+    if args.dry_run:
+        print(script, end="")
+        return 0
+    check_run_dir(str(run_dir))
+    if Path(args.config).resolve() != run_dir / "job.yaml":
+        shutil.copyfile(args.config, run_dir / "job.yaml")  # queued and requeued runs read this copy
+    try:
+        job_id = slurm.write_and_submit(script, run_dir)
+    except slurm.SlurmError as err:
+        return _slurm_failed(err)
+    print(f"submitted job {job_id}: {args.nodes} node(s) × {nproc} worker(s), mode {args.mode}; script "
+          f"{run_dir / 'job.sbatch'}, output {run_dir / f'slurm-{job_id}.out'}", file=sys.stderr)
+    print(job_id)
+    return 0
+
+
+_STATUS_FIELDS = ("JobId", "JobName", "JobState", "Reason", "Restarts", "ExitCode", "RunTime", "NodeList", "StdOut")
+
+
+def _cmd_slurm_status(args: argparse.Namespace) -> int:
+    from ddp_toolkit.slurm import SlurmError, job_state
+
+    try:
+        state = job_state(args.job_id)
+    except SlurmError as err:
+        return _slurm_failed(err)
+    if args.json:
+        print(json.dumps(state, indent=2))
+    else:
+        for key in (k for k in _STATUS_FIELDS if k in state):
+            print(f"{key:<9} {state[key]}")
+    return 0
+
+
+def _cmd_slurm_cancel(args: argparse.Namespace) -> int:
+    import re
+
+    from ddp_toolkit.slurm import SlurmError, cancel
+
+    name = None
+    if args.signal is not None:
+        name = args.signal.upper().removeprefix("SIG")
+        if not re.fullmatch(r"[A-Z][A-Z0-9]*|\d+", name):
+            raise UsageError(f"slurm cancel: --signal must be a signal name like USR1 or TERM, got {args.signal!r}")
+    try:
+        cancel(args.job_id, name)
+    except SlurmError as err:
+        return _slurm_failed(err)
+    print(f"sent SIG{name} to the batch shell of job {args.job_id}" if name else f"cancelled job {args.job_id}")
+    return 0
+
+
 # ---- main -----------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ddp-toolkit", description=__doc__.splitlines()[0])
@@ -212,7 +361,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_plan, _add_train, _add_launch, _add_report]
+_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_plan, _add_train, _add_launch, _add_report,
+                                                                     _add_slurm, _sweep.add_sweep_parser]
+
+
+def _fail(err: Exception, code: int) -> int:
+    """One line on stderr (prefixed with the rank in multi-process runs) and the exit code."""
+    import os
+
+    rank = os.environ.get("RANK")
+    prefix = f"rank {rank}: " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+    print(f"error: {prefix}{err}", file=sys.stderr, flush=True)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,8 +384,16 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return args.func(args)
     except (UsageError, ConfigError, PlanError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(err, EXIT_USAGE)
+    except Exception as err:  # errors of the run itself, named by type, still one line
+        from ddp_toolkit.checkpoint import CheckpointError
+        from ddp_toolkit.trainer import TrainingStopped
+
+        if isinstance(err, CheckpointError):
+            return _fail(err, EXIT_USAGE)
+        if isinstance(err, TrainingStopped):
+            return _fail(err, 1)
+        raise
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -19,8 +20,21 @@ from ddp_toolkit.slurm import expand_nodelist, master_port_for_job
 __all__ = ["DistEnv", "distributed", "detect_launcher", "all_reduce_sum"]
 
 
+# Step ids Slurm reserves for the batch shell, the extern and interactive steps (0xFFFFFFFA and up).
+_SLURM_SPECIAL_STEP_IDS = 0xFFFFFFFA
+
+
+def _in_slurm_step(env: Mapping[str, str]) -> bool:
+    """A task of an `srun` job step; the batch shell and `salloc`'s shell have SLURM_PROCID but no step id."""
+    step = env.get("SLURM_STEP_ID", "")
+    return "SLURM_PROCID" in env and step.isdigit() and int(step) < _SLURM_SPECIAL_STEP_IDS
+
+
 def detect_launcher(env: Mapping[str, str]) -> str:
-    """Which launcher started this process: accelerate, deepspeed, torchrun, slurm or none."""
+    """Which launcher started this process: accelerate, deepspeed, torchrun, env, slurm or none.
+
+    A launcher's own variables win over SLURM's: under `srun ... torchrun`, the workers are torchrun's.
+    """
     if "ACCELERATE_MIXED_PRECISION" in env:
         return "accelerate"
     if "CROSS_RANK" in env and "LOCAL_SIZE" in env:
@@ -29,9 +43,20 @@ def detect_launcher(env: Mapping[str, str]) -> str:
         return "torchrun"
     if "RANK" in env and "WORLD_SIZE" in env:
         return "env"
-    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
+    if _in_slurm_step(env):
         return "slurm"
     return "none"
+
+
+def _tasks_on_node(spec: str, node: int) -> int:
+    """Tasks on node `node` from SLURM's `2(x3),1` notation (three nodes with 2 tasks, then one with 1)."""
+    counts: list[int] = []
+    for part in spec.split(","):
+        match = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if not match:
+            raise ValueError(f"cannot read tasks per node {spec!r}")
+        counts += [int(match.group(1))] * int(match.group(2) or 1)
+    return counts[min(node, len(counts) - 1)]
 
 
 @dataclass(frozen=True)
@@ -55,6 +80,8 @@ class DistEnv:
         launcher = detect_launcher(env)
         job_id = env.get("SLURM_JOB_ID")
         if launcher in ("accelerate", "deepspeed", "torchrun", "env"):
+            if "RANK" not in env or "WORLD_SIZE" not in env:  # e.g. `accelerate launch` of one process
+                return cls(launcher=launcher, slurm_job_id=job_id)
             world = int(env["WORLD_SIZE"])
             local_world = int(env.get("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", world)))
             return cls(
@@ -65,17 +92,25 @@ class DistEnv:
                 master_port=int(env.get("MASTER_PORT", 29500)), launcher=launcher, slurm_job_id=job_id,
             )
         if launcher == "slurm":
-            nodes = expand_nodelist(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1")))
-            world = int(env.get("SLURM_NTASKS", 1))
-            return cls(
-                rank=int(env["SLURM_PROCID"]), local_rank=int(env.get("SLURM_LOCALID", 0)), world_size=world,
-                local_world_size=int(env.get("SLURM_NTASKS_PER_NODE", world).split("(")[0]),
-                node_rank=int(env.get("SLURM_NODEID", 0)),
-                master_addr=env.get("MASTER_ADDR", nodes[0]),
-                master_port=int(env.get("MASTER_PORT", master_port_for_job(int(job_id or 0)))),
-                launcher="slurm", slurm_job_id=job_id,
-            )
+            return cls._from_slurm(env)
         return cls(slurm_job_id=job_id)
+
+    @classmethod
+    def _from_slurm(cls, env: Mapping[str, str]) -> DistEnv:
+        """One srun task per device: SLURM_PROCID / LOCALID / NODEID; the step's first host is the master."""
+        job_id = env.get("SLURM_JOB_ID")
+        world = int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", 1)))
+        node = int(env.get("SLURM_NODEID", 0))
+        per_node = env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE", str(world)))
+        nodelist = next((env[k] for k in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
+                         if env.get(k)), "127.0.0.1")
+        return cls(
+            rank=int(env["SLURM_PROCID"]), local_rank=int(env.get("SLURM_LOCALID", 0)), world_size=world,
+            local_world_size=_tasks_on_node(per_node, node), node_rank=node,
+            master_addr=env.get("MASTER_ADDR") or expand_nodelist(nodelist)[0],
+            master_port=int(env.get("MASTER_PORT") or master_port_for_job(int(job_id or 0))),
+            launcher="slurm", slurm_job_id=job_id,
+        )
 
     @property
     def is_distributed(self) -> bool:

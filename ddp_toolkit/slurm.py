@@ -41,6 +41,8 @@ __all__ = [
     "master_port_for_job",
     "render_sbatch",
     "requeue",
+    "torchrun_args",
+    "torchrun_command",
     "write_and_submit",
 ]
 
@@ -224,21 +226,49 @@ def _escape_double_quoted(text: str) -> str:
     return re.sub(r'([\\"$`])', r"\\\1", text)
 
 
+def torchrun_args(*, nnodes: int | str, nproc_per_node: int, rdzv_endpoint: str, rdzv_id: int | str,
+                  is_host: int | str) -> list[str]:
+    """`-m torch.distributed.run ...`: the launcher arguments of one node of a multi-node job.
+
+    The sbatch script (mode="torchrun") passes shell expressions that each node expands; the loopback
+    test passes one node's values. The c10d store at rdzv_endpoint is served by the node given is_host=1,
+    not guessed from host names (a guess that fails when two agents share a host).
+    """
+    return ["-m", "torch.distributed.run",
+            "--nnodes", str(nnodes), "--nproc-per-node", str(nproc_per_node),
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint, "--rdzv-id", str(rdzv_id),
+            "--rdzv-conf", f"is_host={is_host}"]
+
+
+def torchrun_command(python: str, config_path: str, overrides: Sequence[str] = (), **node: int | str) -> list[str]:
+    """The whole command line one node of a mode="torchrun" job runs; `node` goes to torchrun_args."""
+    return [python, *torchrun_args(**node), *_train_args(config_path, overrides)]
+
+
+# Each node's own values, expanded by the compute node's shell (render_sbatch escapes the `$`).
+_NODE_VALUES = {"nnodes": "$SLURM_JOB_NUM_NODES", "rdzv_endpoint": "$MASTER_ADDR:$MASTER_PORT",
+                "rdzv_id": "$SLURM_JOB_ID", "is_host": "$(( $SLURM_NODEID == 0 ))"}
+_LINE_BREAK_BEFORE = ("-m", "--nnodes", "--rdzv-backend", "--rdzv-conf")
+
+
 def _srun_torchrun(python: str, nproc_per_node: int, srun_opts: str, train_args: list[str]) -> list[str]:
     """One srun task per node runs torch's elastic launcher; node 0 hosts the rendezvous store.
 
     Everything inside bash -c "..." expands on the compute node: every `$` there is escaped.
     """
     exe = _escape_double_quoted(shlex.quote(python))
+    launcher = torchrun_args(nproc_per_node=nproc_per_node, **_NODE_VALUES)
+    rows: list[list[str]] = []
+    for word in launcher:  # our own words: a `$` marks a shell expression, left unquoted on purpose
+        if word in _LINE_BREAK_BEFORE:
+            rows.append([])
+        rows[-1].append(_escape_double_quoted(word if "$" in word else shlex.quote(word)))
     inner_args = " ".join(_escape_double_quoted(shlex.quote(a)) for a in train_args)
     return [
         "# One task per node: torch.distributed.run starts the workers of its node.",
         "# Inside the quotes every \\$ expands on the compute node, not in this shell.",
         f'srun --ntasks-per-node=1{srun_opts} --kill-on-bad-exit=1 bash -c "exec {exe} \\',
-        "    -m torch.distributed.run \\",
-        f"    --nnodes \\$SLURM_JOB_NUM_NODES --nproc-per-node {nproc_per_node} \\",
-        "    --rdzv-backend c10d --rdzv-endpoint \\$MASTER_ADDR:\\$MASTER_PORT --rdzv-id \\$SLURM_JOB_ID \\",
-        "    --rdzv-conf is_host=\\$(( \\$SLURM_NODEID == 0 )) \\",
+        *(f"    {' '.join(row)} \\" for row in rows),
         f'    {inner_args}" &',
     ]
 

@@ -21,10 +21,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ddp_toolkit import checkpoint as ckpt
-from ddp_toolkit.config import Config
+from ddp_toolkit.config import Config, ConfigError
 from ddp_toolkit.dist import DistEnv, all_reduce_sum, distributed
 from ddp_toolkit.engines import build_engine
-from ddp_toolkit.lr import Schedule, adam_sqrt_hparams, build_scheduler, duration_to_iterations, scaled_lr
+from ddp_toolkit.lr import Schedule, adam_sqrt_hparams, build_scheduler, parse_duration, scaled_lr
 from ddp_toolkit.noise_scale import NoiseScaleEstimator
 from ddp_toolkit.optim import build_optimizer
 from ddp_toolkit.plan import BatchPlan
@@ -33,6 +33,70 @@ from ddp_toolkit.reporting import Reporter
 from ddp_toolkit.sampler import EvalSampler, GlobalBatchSampler, collate_allow_empty, reduce_metric_sums
 
 __all__ = ["Trainer", "TrainingStopped", "default_loss"]
+
+
+def plan_for(cfg: Config, dataset_size: int, world_size: int) -> BatchPlan:
+    """The batch plan of a config at a world size: k given, or derived from batch.global_batch_size."""
+    b = cfg.batch
+    k = b.grad_accum_steps if b.grad_accum_steps or b.global_batch_size else 1
+    return BatchPlan.solve(dataset_size, global_batch_size=b.global_batch_size, micro_batch_size=b.micro_batch_size,
+                           world_size=world_size, grad_accum_steps=k, drop_last=b.drop_last)
+
+
+def iterations_of(duration: str | int | tuple[str, float], plan: BatchPlan) -> int:
+    """A duration (`500it`, `5ep`, `20000sp`, 500, or a (unit, amount) pair) in iterations, through the plan.
+
+    Epochs round up to a whole iteration; samples count short last batches exactly.
+    """
+    if isinstance(duration, tuple):
+        unit, value = duration
+    else:
+        value, unit = parse_duration(duration)
+    if unit == "ep":
+        return plan.iterations_for(value)
+    if unit == "sp":
+        return plan.iterations_for_samples(int(value))
+    return int(value)
+
+
+def lr_info(cfg: Config, plan: BatchPlan) -> dict:
+    """Base and scaled learning rate, the rule and the reference batch."""
+    o = cfg.optim
+    ref = o.base_batch_size or plan.global_batch_size
+    return {"base_lr": o.lr, "base_batch_size": ref, "lr_rule": o.lr_scaling,
+            "scaled_lr": scaled_lr(o.lr, plan.global_batch_size, ref, o.lr_scaling)}
+
+
+def schedule_for(cfg: Config, plan: BatchPlan, total: int) -> Schedule:
+    """The lr schedule of the run, durations converted through the plan; ConfigError when impossible."""
+    o = cfg.optim
+    peak = lr_info(cfg, plan)["scaled_lr"]
+    warmup = iterations_of(o.warmup or 0, plan)
+    if warmup > total:
+        raise ConfigError(f"optim.warmup {o.warmup!r} is {warmup} iterations, longer than the run of {total} "
+                          f"iterations; use a warmup of at most {total} iterations")
+    try:
+        return Schedule(peak_lr=peak, total_iterations=total, warmup_iterations=warmup,
+                        warmup_start_factor=o.warmup_start_factor, decay=o.schedule,
+                        step_milestones=tuple(iterations_of(m, plan) for m in o.step_milestones),
+                        step_gamma=o.step_gamma, min_lr=min(o.min_lr, peak))
+    except ValueError as err:
+        raise ConfigError(f"optim: {err}") from None
+
+
+def preflight(cfg: Config, world_size: int) -> BatchPlan:
+    """Check what can be checked before any worker starts: data, factories, plan, schedule."""
+    from ddp_toolkit.data import build_data, load_factory
+
+    try:
+        train_set, _ = build_data(cfg.data)
+        if cfg.model.name == "custom":
+            load_factory(cfg.model.factory, "model.factory")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    plan = plan_for(cfg, len(train_set), world_size)
+    schedule_for(cfg, plan, iterations_of(cfg.train.stop, plan))
+    return plan
 
 
 class TrainingStopped(RuntimeError):
@@ -122,50 +186,26 @@ class Trainer:
 
     # ---- setup ---------------------------------------------------------------------------------------
     def _make_plan(self) -> BatchPlan:
-        b = self.cfg.batch
-        k = b.grad_accum_steps if b.grad_accum_steps or b.global_batch_size else 1
-        return BatchPlan.solve(len(self.train_set), global_batch_size=b.global_batch_size,
-                               micro_batch_size=b.micro_batch_size, world_size=self.env.world_size,
-                               grad_accum_steps=k, drop_last=b.drop_last)
+        return plan_for(self.cfg, len(self.train_set), self.env.world_size)
 
     def _iterations(self, duration) -> int:
-        plan = self.plan
-        return duration_to_iterations(duration, plan.iterations_per_epoch, plan.global_batch_size)
-
-    def _total_iterations(self) -> int:
-        unit, amount = self.cfg.train.stop
-        if unit == "ep":
-            return self.plan.iterations_for(amount)
-        if unit == "sp":
-            return self.plan.iterations_for_samples(int(amount))
-        return int(amount)
+        return iterations_of(duration, self.plan)
 
     def lr_info(self) -> dict:
         """Base and scaled learning rate, the rule and the reference batch, for the plan and metrics."""
-        o = self.cfg.optim
-        ref = o.base_batch_size or self.plan.global_batch_size
-        return {"base_lr": o.lr, "base_batch_size": ref, "lr_rule": o.lr_scaling,
-                "scaled_lr": scaled_lr(o.lr, self.plan.global_batch_size, ref, o.lr_scaling)}
-
-    def _schedule(self, total: int, peak: float) -> Schedule:
-        o = self.cfg.optim
-        return Schedule(peak_lr=peak, total_iterations=total, warmup_iterations=self._iterations(o.warmup or 0),
-                        warmup_start_factor=o.warmup_start_factor, decay=o.schedule,
-                        step_milestones=tuple(self._iterations(m) for m in o.step_milestones),
-                        step_gamma=o.step_gamma, min_lr=min(o.min_lr, peak))
+        return lr_info(self.cfg, self.plan)
 
     def _setup(self) -> None:
         cfg, env = self.cfg, self.env
-        self.total_iterations = self._total_iterations()
+        self.total_iterations = iterations_of(cfg.train.stop, self.plan)
         info = self.lr_info()
-        self.schedule = self._schedule(self.total_iterations, info["scaled_lr"])
+        self.schedule = schedule_for(cfg, self.plan, self.total_iterations)
         torch.manual_seed(cfg.train.seed + env.rank)
         model = self.model
         if cfg.train.sync_batchnorm and env.is_distributed:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = model.to(env.device)
         optimizer = self._optimizer(model, info)
-        self.engine = build_engine(cfg, env, self.plan, sync_every_micro_step=self.sync_every_micro_step)
         self.engine.prepare(model, optimizer)
         self.scheduler = build_scheduler(self.engine.optimizer, self.schedule)
         self.sampler = GlobalBatchSampler.from_plan(self.plan, env.rank, seed=cfg.train.seed)
@@ -195,9 +235,12 @@ class Trainer:
     # ---- the loop ------------------------------------------------------------------------------------
     def fit(self) -> dict:
         """Train to the configured length; returns the summary (also written to run_dir/summary.json)."""
+        # the engine checks its config (e.g. a DeepSpeed JSON against the plan) before any rendezvous
+        self.engine = build_engine(self.cfg, self.env, self.plan, sync_every_micro_step=self.sync_every_micro_step)
         with distributed(self.env):
             self._setup()
             resumed = self._maybe_resume()
+            self.reporter.truncate_after(self.progress.iteration)  # a fresh run starts a fresh metrics.jsonl
             self.reporter.start(self._plan_info(resumed), self.progress, self.total_iterations)
             self.stop_flag.install()
             try:
@@ -272,6 +315,7 @@ class Trainer:
         scale = engine.loss_multiplier / items
         comm_before = engine.comm.snapshot()
         measure = self._measure_noise(samples)
+        first_sq = None
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.env.device)
         autocast = self.cfg.train.precision == "bf16"
         for m, (inputs, targets) in enumerate(micro_batches):
@@ -281,24 +325,36 @@ class Trainer:
                 loss = losses.sum() * scale
             engine.backward(loss, sync)
             loss_sum += losses.detach().double().sum()
+            if measure == "micro_batches" and m == 0:
+                first_sq = float(engine.grad_norm()) ** 2
         grad_norm = self._clip_and_step()
         self.progress.advance(samples, items, k, plan.iterations_per_epoch)
         calls, rounds, nbytes = (a - b for a, b in zip(engine.comm.snapshot(), comm_before, strict=True))
         if measure:
-            self._update_noise()
+            first_items = self.count_items(micro_batches[0]) if self.count_items else plan.micro_batch_size
+            self._update_noise(measure, first_sq, grad_norm, first_items, items)
         return {"loss_sum": loss_sum, "items": items, "samples": samples, "grad_norm": grad_norm,
                 "allreduces_per_iteration": calls, "allreduce_rounds_per_iteration": rounds,
                 "allreduce_bytes_per_iteration": nbytes, "seconds": time.perf_counter() - t_start}
 
-    def _measure_noise(self, samples: int) -> bool:
-        """Ask the engine's comm hook for gradient norms on full global batches (needs W ≥ 2 and DDP)."""
+    def _measure_noise(self, samples: int) -> str | None:
+        """How this iteration feeds the noise scale (full global batches only), or None.
+
+        `ranks` (W ≥ 2, DDP): the comm hook's local (b·k samples) and all-reduced (B) squared norms.
+        `micro_batches` (W = 1, k ≥ 2): the gradient after the first micro-step (b samples) against the whole
+        batch's (B). Not with sync_every_micro_step and k > 1: local gradients then include synced parts.
+        """
         state = getattr(self.engine, "hook_state", None)
-        measure = (self.noise is not None and state is not None and self.env.is_distributed
-                   and samples == self.plan.global_batch_size)
+        full = self.noise is not None and samples == self.plan.global_batch_size
+        k = self.plan.grad_accum_steps
+        by_ranks = (full and state is not None and self.env.is_distributed
+                    and not (self.sync_every_micro_step and k > 1))
         if state is not None:
-            state.measure_norms = measure
+            state.measure_norms = by_ranks
             state.reset_norms()
-        return measure
+        if by_ranks:
+            return "ranks"
+        return "micro_batches" if full and not self.env.is_distributed and k > 1 else None
 
     def _clip_and_step(self) -> float:
         engine, optim = self.engine, self.cfg.optim
@@ -327,10 +383,20 @@ class Trainer:
                               f"checkpointed at iteration {it - 1} (set train.on_nonfinite=skip to skip such "
                               f"iterations)")
 
-    def _update_noise(self) -> None:
-        state = self.engine.hook_state
-        local_mean_sq = all_reduce_sum([state.local_sq], self.env.device)[0] / self.env.world_size
-        self.noise.update(local_mean_sq, state.global_sq, self.plan.local_batch_size, self.plan.global_batch_size)
+    def _update_noise(self, how: str, first_sq: float | None, grad_norm: float, first_items: int,
+                      items: int) -> None:
+        """Feed the estimator; an iteration with a non-finite norm (on_nonfinite=skip) is left out."""
+        if how == "ranks":
+            state = self.engine.hook_state  # every rank joins this all-reduce, finite or not
+            small = all_reduce_sum([state.local_sq], self.env.device)[0] / self.env.world_size
+            big, b_small, b_big = state.global_sq, self.plan.local_batch_size, self.plan.global_batch_size
+        else:
+            # the loss is divided by the iteration's items, so after micro-step 0 the gradient is
+            # (first_items / items) · G_small
+            small = first_sq * (items / first_items) ** 2
+            big, b_small, b_big = grad_norm**2, first_items, items
+        if math.isfinite(small) and math.isfinite(big):
+            self.noise.update(small, big, b_small, b_big)
 
     # ---- logging, evaluation ---------------------------------------------------------------------------
     def _log(self, row: dict) -> None:
@@ -405,9 +471,10 @@ class Trainer:
     def save(self) -> Path:
         """Checkpoint the current state (all ranks call this)."""
         main = self.env.is_main
+        optimizer_state = self.engine.optimizer_state()  # every rank: a sharded (ZeRO) state is gathered
         state = None
         if main:
-            state = {"optimizer": self.engine.optimizer_state(), "scheduler": self.scheduler.state_dict(),
+            state = {"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
                      "progress": self.progress.state_dict(),
                      "sampler": self.sampler.state_dict(iterations_done=self.progress.iteration_in_epoch),
                      "plan": self._fingerprint(),
@@ -440,7 +507,6 @@ class Trainer:
             self.noise.load_state_dict(state["noise"])
         if rng is not None:
             ckpt.set_rng_state(rng)
-        self.reporter.truncate_after(self.progress.iteration)
         return path
 
     def _check_compatible(self, old: dict, path: Path) -> None:
@@ -512,12 +578,18 @@ def train_from_config(cfg: Config, env: DistEnv | None = None, **trainer_kwargs)
     from ddp_toolkit.data import build_data
     from ddp_toolkit.models import build_model
 
-    train_set, eval_set = build_data(cfg.data)
+    try:
+        train_set, eval_set = build_data(cfg.data)
+    except ValueError as err:  # a bad module:function
+        raise ConfigError(str(err)) from None
     x0, _ = train_set[0]
     num_classes = int(getattr(train_set, "y", torch.tensor([cfg.data.classes - 1])).max()) + 1
     num_classes = max(num_classes, cfg.data.classes if cfg.data.name == "synthetic" else num_classes)
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, int(x0.numel()), num_classes)
+    try:
+        model = build_model(cfg.model, int(x0.numel()), num_classes)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if cfg.model.dtype == "float64":
         train_set = _cast(train_set, torch.float64)
         eval_set = _cast(eval_set, torch.float64) if eval_set is not None else None

@@ -72,11 +72,20 @@ def write_config(raw: dict, path: Path) -> Path:
 def torchrun(config: Path, nproc: int, *overrides: str, timeout: int = 300, max_restarts: int = 0,
              env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m torch.distributed.run --nproc-per-node N launch/train.py CONFIG overrides` on loopback."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
-           f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--local-addr=127.0.0.1", f"--max-restarts={max_restarts}",
-           str(TRAIN_SCRIPT), str(config), *overrides]
-    run_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=run_env, cwd=REPO)
+    cmd = torchrun_command(config, nproc, *overrides, max_restarts=max_restarts)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=worker_env(env), cwd=REPO)
+
+
+def worker_env(extra: dict | None = None) -> dict:
+    """The environment of launched workers: one thread each, and the repo importable (tests.fixtures)."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **(extra or {})}
+
+
+def torchrun_command(config: Path, nproc: int, *overrides: str, max_restarts: int = 0) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--local-addr=127.0.0.1", f"--max-restarts={max_restarts}",
+            str(TRAIN_SCRIPT), str(config), *overrides]
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:

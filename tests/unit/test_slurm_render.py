@@ -1,4 +1,5 @@
-"""Rendered sbatch text, node-list expansion, the port formula and the Slurm command wrappers.
+"""Rendered sbatch text, node-list expansion, the port formula, the Slurm command wrappers and the
+`ddp-toolkit slurm` commands (with fake Slurm commands).
 
 The expected scripts in tests/unit/expected/ are committed text: after a deliberate change to
 render_sbatch, regenerate them by hand and review the diff.
@@ -7,20 +8,25 @@ render_sbatch, regenerate them by hand and review the diff.
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
+from ddp_toolkit.cli import main as cli_main
 from ddp_toolkit.slurm import (
     SlurmError,
     expand_nodelist,
     job_state,
     master_port_for_job,
     render_sbatch,
+    torchrun_command,
     write_and_submit,
 )
 
@@ -124,6 +130,21 @@ def test_default_mode_arguments_as_the_compute_node_sees_them(
         "launch/train.py", "configs/gpt_small.yaml", "optim.lr=3e-4", "run.name=gpt small $USER",
         "train.resume=auto",
     ]
+
+
+@needs_bash
+@pytest.mark.parametrize("node_id", [0, 3])
+def test_default_mode_runs_torchrun_command_on_every_node(node_id: int, tmp_path: Path) -> None:
+    """The shared command builder (also used by the loopback multi-node test) is what the script runs."""
+    fake_python = tmp_path / "fake-python"
+    fake_python.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done\n')
+    fake_python.chmod(0o755)
+    case = CASES["multi_node"]
+    args = _run_srun_with_shim(render_sbatch(**{**case, "python": str(fake_python)}), node_id, tmp_path)
+    expected = torchrun_command(str(fake_python), case["config_path"], case["overrides"], nnodes=4,
+                                nproc_per_node=8, rdzv_endpoint="gpu01:20042", rdzv_id=42,
+                                is_host=int(node_id == 0))
+    assert args == expected[1:]
 
 
 def test_resume_override_is_not_duplicated() -> None:
@@ -243,3 +264,132 @@ def test_job_state_parses_scontrol_one_liner(tmp_path: Path, monkeypatch) -> Non
     assert state["JobName"] == "my job" and state["JobState"] == "RUNNING"
     assert state["Restarts"] == "2" and state["ExitCode"] == "0:0"
     assert state["TRES"] == "cpu=2,node=1,billing=2" and state["NodeList"] == "gpu[01-02]"
+
+
+# ---------------------------------------------------------------------------------------------------
+# `ddp-toolkit slurm submit | status | cancel`, with fake Slurm commands on PATH
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = {
+    "data": {"name": "synthetic", "size": 64, "eval_size": 0, "features": 4, "classes": 2},
+    "model": {"name": "linear"},
+    "batch": {"micro_batch_size": 4, "global_batch_size": 32},
+    "train": {"iterations": 3},
+}
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A small config in tmp_path; the command runs from the repository root, as it must."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    monkeypatch.chdir(REPO)
+    return path
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli_main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_dry_run_prints_the_rendered_script(tiny_config: Path, tmp_path: Path, capsys) -> None:
+    run_dir = tmp_path / "runs" / "tiny run"
+    code, out, err = run_cli(capsys, "slurm", "submit", str(tiny_config), "--nodes", "2", "--gpus-per-node", "4",
+                             "train.iterations=5", "--time", "01:00:00", "--dry-run", f"run_dir={run_dir}")
+    assert code == 0, err
+    assert out == render_sbatch(
+        job_name="tiny-run", run_dir=str(run_dir), config_path=str(run_dir / "job.yaml"),
+        overrides=["train.iterations=5", f"run_dir={run_dir}"], nodes=2, gpus_per_node=4, nproc_per_node=4,
+        time="01:00:00", python=sys.executable)
+    assert not run_dir.exists()  # a dry run writes nothing
+
+
+def test_cli_cpu_job_defaults_to_one_worker_per_node_and_says_so(tiny_config: Path, capsys) -> None:
+    code, out, err = run_cli(capsys, "slurm", "submit", str(tiny_config), "--mode", "task-per-gpu", "--dry-run")
+    assert code == 0 and "1 CPU worker per node" in err
+    assert "#SBATCH --ntasks-per-node=1" in out and "--gpus-per-node" not in out
+
+
+def test_cli_submit_writes_script_and_config_copy_and_prints_the_job_id(
+    tiny_config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _fake_command(bin_dir, "sbatch", 'echo "$@" > "$(dirname "$2")/sbatch-args"; echo "42;ddptest"')
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    run_dir = tmp_path / "run"
+    code, out, err = run_cli(capsys, "slurm", "submit", str(tiny_config), "--nproc-per-node", "2",
+                             f"run_dir={run_dir}")
+    assert (code, out) == (0, "42\n"), err
+    assert "submitted job 42" in err
+    assert (run_dir / "sbatch-args").read_text().split() == ["--parsable", str(run_dir / "job.sbatch")]
+    assert (run_dir / "job.yaml").read_text() == tiny_config.read_text()
+    assert f"launch/train.py {run_dir / 'job.yaml'} run_dir={run_dir}" in (run_dir / "job.sbatch").read_text()
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--nproc-per-node", "0"], "nproc_per_node=0"),
+    (["--signal", "USR1@90"], "'B:"),
+    (["--nodes", "3"], "global_batch_size 32 is not divisible by micro_batch_size 4 × world_size 3"),
+    (["optim.nope=1"], "optim.nope"),
+    (["--nodes", "x"], "invalid int value"),
+])
+def test_cli_submit_rejects_bad_input_in_one_line(tiny_config: Path, capsys, argv: list[str], message: str) -> None:
+    code, out, err = run_cli(capsys, "slurm", "submit", str(tiny_config), "--dry-run", *argv)
+    assert code == 2 and out == ""
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_cli_submit_needs_the_repository_root(tiny_config: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(capsys, "slurm", "submit", str(tiny_config), "--dry-run")
+    assert code == 2 and "launch/train.py" in err
+
+
+@needs_bash
+def test_cli_failed_submission_is_exit_1_in_one_line(tiny_config: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    _fake_command(tmp_path, "sbatch", "echo 'sbatch: error: invalid partition specified: gpu' >&2; exit 1")
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    code, out, err = run_cli(capsys, "slurm", "submit", str(tiny_config), "--nproc-per-node", "2",
+                             f"run_dir={tmp_path / 'r'}")
+    assert (code, out) == (1, "")
+    assert err.startswith("error: sbatch --parsable") and "invalid partition specified" in err
+    assert err.count("\n") == 1
+
+
+@needs_bash
+def test_cli_status_prints_the_key_fields(tmp_path: Path, monkeypatch, capsys) -> None:
+    line = ("JobId=7 JobName=tiny UserId=root(0) JobState=PENDING Reason=BeginTime Requeue=1 Restarts=1 "
+            "BatchFlag=1 ExitCode=0:0 RunTime=00:00:12 NodeList=(null) StdOut=/r/slurm-7.out")
+    _fake_command(tmp_path, "scontrol", f"echo '{line}'")
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    code, out, _ = run_cli(capsys, "slurm", "status", "7")
+    fields = dict(row.split(None, 1) for row in out.splitlines())
+    assert code == 0 and list(fields) == ["JobId", "JobName", "JobState", "Reason", "Restarts", "ExitCode",
+                                          "RunTime", "NodeList", "StdOut"]
+    assert (fields["JobState"], fields["Restarts"], fields["ExitCode"]) == ("PENDING", "1", "0:0")
+    code, out, _ = run_cli(capsys, "slurm", "status", "7", "--json")
+    assert code == 0 and json.loads(out)["UserId"] == "root(0)"
+
+
+@needs_bash
+def test_cli_status_of_an_unknown_job_is_exit_1(tmp_path: Path, monkeypatch, capsys) -> None:
+    _fake_command(tmp_path, "scontrol", "echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1")
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    code, out, err = run_cli(capsys, "slurm", "status", "99")
+    assert (code, out) == (1, "") and "Invalid job id specified" in err and err.count("\n") == 1
+
+
+@needs_bash
+@pytest.mark.parametrize(("argv", "scancel_args", "said"), [
+    (["--signal", "USR1"], "--signal=USR1 --batch 42", "sent SIGUSR1 to the batch shell of job 42"),
+    (["--signal", "sigterm"], "--signal=TERM --batch 42", "sent SIGTERM"),
+    ([], "42", "cancelled job 42"),
+])
+def test_cli_cancel(tmp_path: Path, monkeypatch, capsys, argv: list[str], scancel_args: str, said: str) -> None:
+    _fake_command(tmp_path, "scancel", f'echo "$@" > {tmp_path}/scancel-args')
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    code, out, _ = run_cli(capsys, "slurm", "cancel", "42", *argv)
+    assert code == 0 and said in out
+    assert (tmp_path / "scancel-args").read_text().strip() == scancel_args
