@@ -78,7 +78,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def _write_manifest(tmp: Path, iteration: int) -> None:
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())
+             if p.name != MANIFEST}
     path = tmp / MANIFEST
     path.write_text(json.dumps({"iteration": iteration, "files": files}, indent=1))
     _fsync_file(path)
