@@ -297,8 +297,9 @@ def _wait_and_requeue(requeue: bool) -> list[str]:
     ]
     if requeue:
         lines += [
-            "# Stopped early for the time limit and saved a checkpoint: put the job back in the queue.",
-            'if [ "$requeue_wanted" = 1 ] && [ "$rc" = 0 ]; then',
+            "# Stopped early for the time limit and saved a checkpoint (the trainer wrote its iteration into the",
+            "# flag file; empty means training had already finished): put the job back in the queue.",
+            f'if [ "$requeue_wanted" = 1 ] && [ "$rc" = 0 ] && [ -s "${PREEMPT_ENV}" ]; then',
             '    echo "ddp_toolkit: requeueing job $SLURM_JOB_ID"',
             '    scontrol requeue "$SLURM_JOB_ID"',
             "fi",

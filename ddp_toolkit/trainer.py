@@ -543,6 +543,8 @@ class Trainer:
         resumes from this checkpoint with train.resume=auto.
         """
         path = self.save()
+        if self.env.is_main and self.stop_flag.watched:  # tells the batch script that a requeue has work to do
+            self.stop_flag.file.write_text(f"checkpoint {path.name} at iteration {self.progress.iteration}\n")
         self.reporter.warn(f"stop requested ({self.stop_flag.signal or 'on another rank'}): checkpoint "
                            f"{path.name} written at iteration {self.progress.iteration}")
         self.summary = {"preempted": True, "iteration": self.progress.iteration}
