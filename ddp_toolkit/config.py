@@ -11,7 +11,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ddp_toolkit.lr import parse_duration
+from ddp_toolkit.plan import parse_duration
 
 __all__ = ["Config", "ConfigError", "load_config", "apply_overrides", "DEFAULT_CONFIG"]
 

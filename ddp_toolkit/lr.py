@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -19,23 +18,17 @@ if TYPE_CHECKING:
 __all__ = [
     "SCALING_RULES",
     "DECAYS",
-    "DURATION_UNITS",
     "scaled_lr",
     "adam_sqrt_hparams",
     "Schedule",
     "build_scheduler",
-    "parse_duration",
-    "to_iterations",
-    "duration_to_iterations",
 ]
 
 ScalingRule = Literal["none", "linear", "sqrt", "adam_sqrt"]
 Decay = Literal["constant", "cosine", "step"]
-DurationUnit = Literal["it", "ep", "sp"]
 
 SCALING_RULES: tuple[str, ...] = ("none", "linear", "sqrt", "adam_sqrt")
 DECAYS: tuple[str, ...] = ("constant", "cosine", "step")
-DURATION_UNITS: tuple[str, ...] = ("it", "ep", "sp")
 
 
 def _check_positive(name: str, value: float) -> None:
@@ -199,52 +192,3 @@ def build_scheduler(
     from torch.optim.lr_scheduler import LambdaLR
 
     return LambdaLR(optimizer, lr_lambda=schedule.factor_at)
-
-
-# ---- durations --------------------------------------------------------------------------------------
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(it|ep|sp)?\s*$")
-_DURATION_FORMS = "an int of iterations or a string like 500it, 500, 5ep, 2.5ep or 20000sp"
-
-
-def parse_duration(text: str | int) -> tuple[float, DurationUnit]:
-    """Parse `500it`, `500` (iterations), `5ep` / `2.5ep` (epochs) or `20000sp` (samples) into (value, unit).
-
-    Iterations and samples must be whole numbers; epochs may be fractional. A bare int means iterations.
-    """
-    if isinstance(text, bool) or not isinstance(text, (int, str)):
-        raise ValueError(f"bad duration {text!r}: expected {_DURATION_FORMS}")
-    if isinstance(text, int):
-        if text < 0:
-            raise ValueError(f"bad duration {text!r}: must be >= 0; expected {_DURATION_FORMS}")
-        return float(text), "it"
-    match = _DURATION_RE.match(text)
-    if match is None:
-        raise ValueError(f"bad duration {text!r}: expected {_DURATION_FORMS}")
-    value, unit = float(match.group(1)), match.group(2) or "it"
-    if unit != "ep" and not value.is_integer():
-        raise ValueError(f"bad duration {text!r}: {unit} must be a whole number; expected {_DURATION_FORMS}")
-    return value, unit
-
-
-def to_iterations(value: float, unit: DurationUnit, iterations_per_epoch: int, global_batch_size: int) -> int:
-    """Convert a parsed duration to iterations: epochs → nearest int of value·iterations_per_epoch (halves
-    up), samples → ceil(samples / B) (the first iteration at which that many samples have been seen)."""
-    if unit not in DURATION_UNITS:
-        raise ValueError(f"unknown duration unit {unit!r}; choose one of {', '.join(DURATION_UNITS)}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"duration value must be a finite number >= 0, got {value!r}")
-    _check_positive("iterations_per_epoch", iterations_per_epoch)
-    _check_positive("global_batch_size", global_batch_size)
-    if unit == "ep":
-        return math.floor(value * iterations_per_epoch + 0.5)
-    if not float(value).is_integer():
-        raise ValueError(f"a duration in {unit} must be a whole number, got {value!r}")
-    if unit == "it":
-        return int(value)
-    return -(-int(value) // int(global_batch_size))
-
-
-def duration_to_iterations(text: str | int, iterations_per_epoch: int, global_batch_size: int) -> int:
-    """A config duration (`5ep`, `500it`, `20000sp`, 500) in iterations: `parse_duration`, `to_iterations`."""
-    value, unit = parse_duration(text)
-    return to_iterations(value, unit, iterations_per_epoch, global_batch_size)

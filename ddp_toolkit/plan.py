@@ -7,9 +7,14 @@ impossible plan raises one `PlanError` whose message names every factor and what
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass
+from typing import Literal
 
-__all__ = ["BatchPlan", "PlanError", "split_evenly"]
+__all__ = ["BatchPlan", "DURATION_UNITS", "PlanError", "parse_duration", "split_evenly"]
+
+DurationUnit = Literal["it", "ep", "sp"]
+DURATION_UNITS: tuple[str, ...] = ("it", "ep", "sp")
 
 
 class PlanError(ValueError):
@@ -25,6 +30,29 @@ def _check_positive_int(name: str, value: object) -> int:
     if value <= 0:
         raise PlanError(f"{name} must be a positive integer, got {value}")
     return value
+
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(it|ep|sp)?\s*$")
+_DURATION_FORMS = "an int of iterations or a string like 500it, 500, 5ep, 2.5ep or 20000sp"
+
+def parse_duration(text: str | int) -> tuple[float, DurationUnit]:
+    """Parse `500it`, `500` (iterations), `5ep` / `2.5ep` (epochs) or `20000sp` (samples) into (value, unit).
+
+    Iterations and samples must be whole numbers; epochs may be fractional. A bare int means iterations.
+    """
+    if isinstance(text, bool) or not isinstance(text, (int, str)):
+        raise ValueError(f"bad duration {text!r}: expected {_DURATION_FORMS}")
+    if isinstance(text, int):
+        if text < 0:
+            raise ValueError(f"bad duration {text!r}: must be >= 0; expected {_DURATION_FORMS}")
+        return float(text), "it"
+    match = _DURATION_RE.match(text)
+    if match is None:
+        raise ValueError(f"bad duration {text!r}: expected {_DURATION_FORMS}")
+    value, unit = float(match.group(1)), match.group(2) or "it"
+    if unit != "ep" and not value.is_integer():
+        raise ValueError(f"bad duration {text!r}: {unit} must be a whole number; expected {_DURATION_FORMS}")
+    return value, unit
 
 
 def split_evenly(count: int, parts: int) -> list[int]:
@@ -179,6 +207,21 @@ class BatchPlan:
             raise PlanError(f"samples must be >= 0, got {samples}")
         full_epochs, rest = divmod(samples, self.samples_per_epoch)
         return full_epochs * self.iterations_per_epoch + -(-rest // self.global_batch_size)
+
+    def iterations_in(self, duration: str | int | tuple[str, float]) -> int:
+        """A duration (`500it`, `5ep`, `20000sp`, 500, or a (unit, amount) pair) in iterations.
+
+        Epochs round up to a whole iteration; samples count short last batches exactly.
+        """
+        if isinstance(duration, tuple):
+            unit, value = duration
+        else:
+            value, unit = parse_duration(duration)
+        if unit == "ep":
+            return self.iterations_for(value)
+        if unit == "sp":
+            return self.iterations_for_samples(int(value))
+        return int(value)
 
     def samples_for(self, iterations: int) -> int:
         """Samples seen (over all ranks) after `iterations` iterations from the start of epoch 0."""

@@ -36,7 +36,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ddp_toolkit.config import ConfigError, load_raw, validate
-from ddp_toolkit.lr import parse_duration, scaled_lr, to_iterations
+from ddp_toolkit.lr import scaled_lr
+from ddp_toolkit.plan import BatchPlan, parse_duration
 
 __all__ = ["SweepSpec", "RuleSpec", "Point", "SweepError", "load_sweep", "expand_points", "iterations_for_budget",
            "micro_batch_for", "verdicts", "steps_to_target", "run_sweep", "add_sweep_parser"]
@@ -236,11 +237,13 @@ def _check_consistent(sweep: Sweep, where: str) -> None:
 
 
 def _warmup_iterations(warmup: str | int, B: int, n: int | None) -> int | None:
+    """The warmup in iterations at global batch B, as the trainer converts it (None: epochs of unknown N)."""
+    if n is not None:
+        return BatchPlan(dataset_size=n, micro_batch_size=B, world_size=1, drop_last=True).iterations_in(warmup)
     value, unit = parse_duration(warmup)
-    if unit == "ep" and n is None:
+    if unit == "ep":
         return None
-    per_epoch = n // B if n is not None else 1
-    return to_iterations(value, unit, max(per_epoch, 1), B)
+    return int(value) if unit == "it" else -(-int(value) // B)
 
 
 # ---- points --------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from ddp_toolkit import checkpoint as ckpt
 from ddp_toolkit.config import Config, ConfigError
 from ddp_toolkit.dist import DistEnv, all_reduce_sum, distributed
 from ddp_toolkit.engines import build_engine
-from ddp_toolkit.lr import Schedule, adam_sqrt_hparams, build_scheduler, parse_duration, scaled_lr
+from ddp_toolkit.lr import Schedule, adam_sqrt_hparams, build_scheduler, scaled_lr
 from ddp_toolkit.noise_scale import NoiseScaleEstimator
 from ddp_toolkit.optim import build_optimizer
 from ddp_toolkit.plan import BatchPlan
@@ -43,22 +43,6 @@ def plan_for(cfg: Config, dataset_size: int, world_size: int) -> BatchPlan:
                            world_size=world_size, grad_accum_steps=k, drop_last=b.drop_last)
 
 
-def iterations_of(duration: str | int | tuple[str, float], plan: BatchPlan) -> int:
-    """A duration (`500it`, `5ep`, `20000sp`, 500, or a (unit, amount) pair) in iterations, through the plan.
-
-    Epochs round up to a whole iteration; samples count short last batches exactly.
-    """
-    if isinstance(duration, tuple):
-        unit, value = duration
-    else:
-        value, unit = parse_duration(duration)
-    if unit == "ep":
-        return plan.iterations_for(value)
-    if unit == "sp":
-        return plan.iterations_for_samples(int(value))
-    return int(value)
-
-
 def lr_info(cfg: Config, plan: BatchPlan) -> dict:
     """Base and scaled learning rate, the rule and the reference batch."""
     o = cfg.optim
@@ -71,14 +55,14 @@ def schedule_for(cfg: Config, plan: BatchPlan, total: int) -> Schedule:
     """The lr schedule of the run, durations converted through the plan; ConfigError when impossible."""
     o = cfg.optim
     peak = lr_info(cfg, plan)["scaled_lr"]
-    warmup = iterations_of(o.warmup or 0, plan)
+    warmup = plan.iterations_in(o.warmup or 0)
     if warmup > total:
         raise ConfigError(f"optim.warmup {o.warmup!r} is {warmup} iterations, longer than the run of {total} "
                           f"iterations; use a warmup of at most {total} iterations")
     try:
         return Schedule(peak_lr=peak, total_iterations=total, warmup_iterations=warmup,
                         warmup_start_factor=o.warmup_start_factor, decay=o.schedule,
-                        step_milestones=tuple(iterations_of(m, plan) for m in o.step_milestones),
+                        step_milestones=tuple(plan.iterations_in(m) for m in o.step_milestones),
                         step_gamma=o.step_gamma, min_lr=min(o.min_lr, peak))
     except ValueError as err:
         raise ConfigError(f"optim: {err}") from None
@@ -95,7 +79,7 @@ def preflight(cfg: Config, world_size: int) -> BatchPlan:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     plan = plan_for(cfg, len(train_set), world_size)
-    schedule_for(cfg, plan, iterations_of(cfg.train.stop, plan))
+    schedule_for(cfg, plan, plan.iterations_in(cfg.train.stop))
     return plan
 
 
@@ -189,7 +173,7 @@ class Trainer:
         return plan_for(self.cfg, len(self.train_set), self.env.world_size)
 
     def _iterations(self, duration) -> int:
-        return iterations_of(duration, self.plan)
+        return self.plan.iterations_in(duration)
 
     def lr_info(self) -> dict:
         """Base and scaled learning rate, the rule and the reference batch, for the plan and metrics."""
@@ -197,7 +181,7 @@ class Trainer:
 
     def _setup(self) -> None:
         cfg, env = self.cfg, self.env
-        self.total_iterations = iterations_of(cfg.train.stop, self.plan)
+        self.total_iterations = self.plan.iterations_in(cfg.train.stop)
         info = self.lr_info()
         self.schedule = schedule_for(cfg, self.plan, self.total_iterations)
         torch.manual_seed(cfg.train.seed + env.rank)

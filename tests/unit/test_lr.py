@@ -17,11 +17,9 @@ from ddp_toolkit.lr import (
     Schedule,
     adam_sqrt_hparams,
     build_scheduler,
-    duration_to_iterations,
-    parse_duration,
     scaled_lr,
-    to_iterations,
 )
+from ddp_toolkit.plan import BatchPlan, parse_duration
 
 
 # ---- scaling rules ----------------------------------------------------------------------------------
@@ -163,10 +161,10 @@ def test_90_epoch_schedule_has_the_same_shape_at_every_batch_size() -> None:
     dataset_size = 1_281_167  # ImageNet-1k train
     shapes = {}
     for batch in (256, 8192):
-        per_epoch = dataset_size // batch
-        total = duration_to_iterations("90ep", per_epoch, batch)
-        warmup = duration_to_iterations("5ep", per_epoch, batch)
-        milestones = tuple(duration_to_iterations(f"{e}ep", per_epoch, batch) for e in (30, 60, 80))
+        plan = BatchPlan(dataset_size, batch, 1, 1, drop_last=True)
+        total = plan.iterations_in("90ep")
+        warmup = plan.iterations_in("5ep")
+        milestones = tuple(plan.iterations_in(f"{e}ep") for e in (30, 60, 80))
         s = Schedule(peak_lr=0.1 * batch / 256, total_iterations=total, warmup_iterations=warmup,
                      warmup_start_factor=256 / batch, decay="step", step_milestones=milestones)
         shapes[batch] = (warmup / total, [m / total for m in milestones], s)
@@ -227,16 +225,12 @@ def test_parse_duration_rejects_bad_text_naming_forms(text: object) -> None:
         parse_duration(text)  # type: ignore[arg-type]
 
 
-def test_to_iterations_rounding() -> None:
-    assert to_iterations(5, "ep", 100, 256) == 500
-    assert to_iterations(0.5, "ep", 5, 256) == 3  # 2.5 rounds half up
-    assert to_iterations(0.1, "ep", 30, 256) == 3  # 3.0000000000000004
-    assert to_iterations(1000, "sp", 100, 256) == 4  # ceil(1000 / 256)
-    assert to_iterations(1024, "sp", 100, 256) == 4
-    assert to_iterations(500, "it", 100, 256) == 500
-    assert duration_to_iterations("20000sp", 100, 8192) == 3
-
-
-def test_to_iterations_rejects_unknown_unit() -> None:
-    with pytest.raises(ValueError, match=r"'h'.*it, ep, sp"):
-        to_iterations(1, "h", 100, 256)  # type: ignore[arg-type]
+def test_durations_convert_through_the_plan() -> None:
+    plan = BatchPlan(25_600, 256, 1, 1)  # 100 iterations per epoch
+    assert plan.iterations_in("5ep") == 500
+    assert BatchPlan(5 * 256, 256, 1, 1).iterations_in("0.5ep") == 3  # 2.5 rounds up to a whole iteration
+    assert plan.iterations_in("1000sp") == 4  # ceil(1000 / 256)
+    assert plan.iterations_in("1024sp") == 4
+    assert plan.iterations_in(500) == 500 and plan.iterations_in("500it") == 500
+    assert BatchPlan(819_200, 8192, 1, 1).iterations_in("20000sp") == 3
+    assert BatchPlan(1000, 300, 1, 1).iterations_in("2000sp") == 8  # short last batches of 100 count exactly
