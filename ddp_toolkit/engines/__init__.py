@@ -30,7 +30,10 @@ def build_engine(cfg, env: DistEnv, plan: BatchPlan, *, sync_every_micro_step: b
     if name == "accelerate":
         from ddp_toolkit.engines.accelerate import AccelerateEngine
 
-        return AccelerateEngine(env, plan, cfg)
+        return AccelerateEngine(env, plan, cfg, sync_every_micro_step=sync_every_micro_step)
     from ddp_toolkit.engines.deepspeed import DeepSpeedEngine
 
+    if sync_every_micro_step:
+        raise ValueError("sync_every_micro_step applies to the ddp and accelerate engines; DeepSpeed's ZeRO stage "
+                         "decides when it reduces")
     return DeepSpeedEngine(env, plan, cfg)

@@ -87,6 +87,7 @@ class Engine(ABC):
         self.module.load_state_dict(state)
 
     def optimizer_state(self) -> dict:
+        """torch's optimizer state_dict format; called on every rank (a sharded engine gathers), rank 0 saves it."""
         return self.optimizer.state_dict()
 
     def load_optimizer_state(self, state: dict) -> None:

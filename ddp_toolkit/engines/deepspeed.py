@@ -1,0 +1,348 @@
+"""DeepSpeed engine (ZeRO stage 0, 1 or 2) driven by our loop, our sampler and our batch plan.
+
+The DeepSpeed config is derived from the plan (train_batch_size = B, train_micro_batch_size_per_gpu = b,
+gradient_accumulation_steps = k, ZeRO stage, gradient clipping); a user JSON (`train.deepspeed_config`) is
+merged in but must agree with the plan, else one ConfigError line names both sides.
+
+Loss weighting: `backward(loss, scale_wrt_gas=False)` stops DeepSpeed from dividing by k, and its gradient
+reduction averages over W, so the usual ×W multiplier gives the global-batch mean gradient. The accumulation
+boundary is set explicitly from the trainer's `sync` flag, so DeepSpeed's micro-step counter never has to
+agree with ours (e.g. after a resume). Gradient reductions are counted by wrapping the reduce collectives of
+DeepSpeed's communication backend while a backward runs: ZeRO 0/1 reduce once per iteration, ZeRO-2
+reduce-scatters on every micro-step (its design: it cannot skip the sync), which the counters then show.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ddp_toolkit.config import ConfigError
+from ddp_toolkit.engines.base import CommStats, Engine
+from ddp_toolkit.plan import BatchPlan
+
+__all__ = ["DeepSpeedConfigError", "DeepSpeedEngine", "deepspeed_config", "load_user_config"]
+
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+# the reduce collectives of DeepSpeed's backend: position and name of the argument holding the data sent
+REDUCE_OPS = {"all_reduce": (0, "tensor"), "inference_all_reduce": (0, "tensor"),
+              "all_reduce_coalesced": (0, "tensors"), "reduce": (0, "tensor"),
+              "reduce_scatter": (1, "input_list"), "reduce_scatter_tensor": (1, "input_tensor")}
+# optimizers whose update depends on the shape of each tensor (trust ratios): ZeRO flattens tensors
+PER_TENSOR_OPTIMIZERS = ("lars", "lamb")
+
+
+class DeepSpeedConfigError(ConfigError):
+    """A DeepSpeed config that disagrees with the run (batch plan, optimizer, precision); one line."""
+
+
+def load_user_config(path: str | None) -> tuple[dict, str]:
+    """The user's DeepSpeed JSON (empty without one) and how to name it in messages."""
+    if not path:
+        return {}, "(derived)"
+    try:
+        raw = json.loads(Path(path).read_text())
+    except OSError as err:
+        raise DeepSpeedConfigError(f"cannot read train.deepspeed_config {path!r}: {err.strerror}") from None
+    except ValueError as err:
+        raise DeepSpeedConfigError(f"train.deepspeed_config {path!r} is not valid JSON: {err}") from None
+    if not isinstance(raw, dict):
+        raise DeepSpeedConfigError(f"train.deepspeed_config {path!r} must hold a JSON object")
+    return raw, repr(path)
+
+
+def _given(value) -> bool:
+    return value is not None and value != "auto"
+
+
+def check_batch_keys(user: dict, plan: BatchPlan, source: str) -> None:
+    """Every batch number the user's JSON gives must be the plan's; one line names both sides."""
+    b, k, w, big_b = plan.micro_batch_size, plan.grad_accum_steps, plan.world_size, plan.global_batch_size
+    want = dict(zip(BATCH_KEYS, (big_b, b, k), strict=True))
+    symbol = {"train_batch_size": f"b={b} × k={k} × W={w} = {big_b}", "train_micro_batch_size_per_gpu": f"b={b}",
+              "gradient_accumulation_steps": f"k={k}"}
+    wrong = [f"{key} {user[key]!r} vs plan {symbol[key]}" for key in BATCH_KEYS
+             if _given(user.get(key)) and (isinstance(user[key], bool) or user[key] != want[key])]
+    if wrong:
+        raise DeepSpeedConfigError(
+            f"DeepSpeed config {source} does not match the batch plan: {'; '.join(wrong)} (set "
+            f"{', '.join(f'{key} {want[key]}' for key in BATCH_KEYS)}, or leave them out: the plan fills them in)")
+
+
+def _zero_stage(user: dict, train, source: str) -> int:
+    user_stage = (user.get("zero_optimization") or {}).get("stage")
+    explicit = "zero_stage" in train.model_fields_set
+    if _given(user_stage) and explicit and user_stage != train.zero_stage:
+        raise DeepSpeedConfigError(f"DeepSpeed config {source} has zero_optimization.stage {user_stage} but "
+                                   f"train.zero_stage is {train.zero_stage}; make them agree or drop one")
+    stage = user_stage if _given(user_stage) and not explicit else train.zero_stage
+    if stage not in (0, 1, 2):
+        raise DeepSpeedConfigError(f"ZeRO stage {stage!r} is not supported by the deepspeed engine (stage 3 "
+                                   f"partitions the parameters themselves); use 0, 1 or 2")
+    return stage
+
+
+def _check_other_keys(user: dict, cfg, source: str) -> None:
+    for key in ("optimizer", "scheduler"):
+        if key in user:
+            raise DeepSpeedConfigError(f"DeepSpeed config {source} has a {key!r} section; remove it: the "
+                                       f"optimizer and the lr schedule come from optim.* (one schedule, stepped "
+                                       f"once per iteration)")
+    for key in ("fp16", "bf16"):
+        if (user.get(key) or {}).get("enabled") in (True, "auto"):
+            raise DeepSpeedConfigError(f"DeepSpeed config {source} enables {key}, which is not supported by the "
+                                       f"deepspeed engine; remove it and use train.precision=bf16 (autocast, "
+                                       f"fp32 weights)")
+    clip = user.get("gradient_clipping")
+    if _given(clip) and clip != 0 and clip != cfg.optim.grad_clip:
+        raise DeepSpeedConfigError(f"DeepSpeed config {source} has gradient_clipping {clip} but optim.grad_clip "
+                                   f"is {cfg.optim.grad_clip}; set optim.grad_clip={clip} or drop it from the JSON")
+
+
+def deepspeed_config(plan: BatchPlan, cfg, user: dict | None = None, source: str = "(derived)") -> dict:
+    """The DeepSpeed config of this run: the user's JSON, checked against the plan, with the plan filled in."""
+    user = dict(user or {})
+    check_batch_keys(user, plan, source)
+    _check_other_keys(user, cfg, source)
+    stage = _zero_stage(user, cfg.train, source)
+    if stage and cfg.optim.name in PER_TENSOR_OPTIMIZERS:
+        raise DeepSpeedConfigError(f"optim.name {cfg.optim.name} computes per-tensor trust ratios, which ZeRO "
+                                   f"stage {stage}'s flattened partitions would change; use train.zero_stage=0 "
+                                   f"or sgd/adam/adamw")
+    out = copy.deepcopy(user)
+    out.update(train_batch_size=plan.global_batch_size, train_micro_batch_size_per_gpu=plan.micro_batch_size,
+               gradient_accumulation_steps=plan.grad_accum_steps, gradient_clipping=cfg.optim.grad_clip or 0.0)
+    out["zero_optimization"] = {**(user.get("zero_optimization") or {}), "stage": stage}
+    out.setdefault("zero_allow_untested_optimizer", True)  # torch's SGD/AdamW are "untested" for ZeRO
+    out.setdefault("steps_per_print", 2**31 - 1)  # our reporter prints progress
+    return out
+
+
+class _ReductionCounter:
+    """Counts the reduce collectives DeepSpeed's backend issues while `active` (during our backward calls)."""
+
+    def __init__(self, comm: CommStats) -> None:
+        self.comm, self.active, self._backend, self._names = comm, False, None, []
+
+    def install(self) -> None:
+        import deepspeed.comm.comm as ds_comm
+
+        self._backend = ds_comm.cdb
+        for name, arg in REDUCE_OPS.items():
+            original = getattr(self._backend, name, None)
+            if callable(original):
+                setattr(self._backend, name, self._counting(original, arg))
+                self._names.append(name)
+
+    def _counting(self, fn, arg: tuple[int, str]):
+        position, keyword = arg
+
+        @functools.wraps(fn)
+        def counted(*args, **kwargs):
+            if self.active:
+                data = args[position] if len(args) > position else kwargs.get(keyword)
+                tensors = data if isinstance(data, (list, tuple)) else [data]
+                self.comm.calls += 1
+                self.comm.bytes += sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+            return fn(*args, **kwargs)
+
+        return counted
+
+    def uninstall(self) -> None:
+        for name in self._names:
+            with contextlib.suppress(AttributeError):
+                delattr(self._backend, name)  # the instance attribute hid the class's method
+        self._names = []
+
+
+class DeepSpeedEngine(Engine):
+    """`deepspeed.initialize` on our model and optimizer with a config derived from the plan."""
+
+    name = "deepspeed"
+
+    def __init__(self, env, plan, cfg) -> None:
+        super().__init__(env, plan)
+        user, source = load_user_config(cfg.train.deepspeed_config)
+        self.ds_config = deepspeed_config(plan, cfg, user, source)
+        self.zero_stage = self.ds_config["zero_optimization"]["stage"]
+        self.ds = None
+        self._counter = _ReductionCounter(self.comm)
+        self._stepped = True
+        self._own_group = False
+
+    # ---- setup ---------------------------------------------------------------------------------------
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        import deepspeed
+
+        if self.zero_stage and any(p.dtype == torch.float64 for p in model.parameters()):
+            raise DeepSpeedConfigError(f"model.dtype float64 with ZeRO stage {self.zero_stage}: DeepSpeed keeps "
+                                       f"float32 master weights, so the run would silently lose precision; use "
+                                       f"model.dtype=float32 or train.zero_stage=0")
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        # DeepSpeed reads the rank from the environment; a process not started by a launcher has none
+        for name, value in (("LOCAL_RANK", self.env.local_rank), ("RANK", self.env.rank),
+                            ("WORLD_SIZE", self.env.world_size)):
+            os.environ.setdefault(name, str(value))
+        if not dist.is_initialized():  # one process: DeepSpeed still wants a process group
+            # an in-process store: under torchrun a tcp:// or env:// init would look for the agent's store
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+            self._own_group = True
+        self.ds, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
+        self.model = self.ds
+        # the torch optimizer that holds the lr: the trainer's LambdaLR drives it, DeepSpeed gets no scheduler
+        self.optimizer = ds_optimizer.optimizer if self.zero_stage else ds_optimizer
+        self._counter.install()
+
+    @property
+    def module(self) -> nn.Module:
+        return self.ds.module
+
+    # ---- one iteration -------------------------------------------------------------------------------
+    def sync_context(self, sync: bool) -> contextlib.AbstractContextManager:
+        self.ds.set_gradient_accumulation_boundary(sync)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, sync: bool) -> None:
+        calls = self.comm.calls
+        self._counter.active = True
+        try:
+            self.ds.backward(loss, scale_wrt_gas=False)  # our loss is already weighted for the global batch
+        finally:
+            self._counter.active = False
+        if self.comm.calls > calls:
+            self.comm.rounds += 1
+        self._stepped = False
+
+    def grad_norm(self) -> torch.Tensor:
+        """Global L2 norm of the reduced gradient (ZeRO: over every rank's partition), inf if not finite."""
+        if not self.zero_stage:
+            return super().grad_norm()
+        optimizer = self.ds.optimizer
+        norm = torch.as_tensor(optimizer.scaled_global_norm(), dtype=torch.float64) / optimizer.loss_scale
+        return norm if bool(torch.isfinite(norm)) and norm >= 0 else torch.tensor(float("inf"))  # -1 flags inf
+
+    def clip_grad(self, max_norm: float) -> None:
+        """Nothing to do here: DeepSpeed clips inside step() (gradient_clipping = optim.grad_clip), same formula."""
+
+    def step(self) -> None:
+        self.ds.step()
+        self._stepped = True
+
+    def zero_grad(self) -> None:
+        if not self._stepped and self.zero_stage:
+            # the trainer skipped the update (non-finite norm): DeepSpeed's step sees the same invalid norm,
+            # skips the update and discards its partitioned gradients
+            self.ds.set_gradient_accumulation_boundary(True)
+            self.ds.step()
+            self._stepped = True
+        self.ds.zero_grad()
+
+    # ---- state ---------------------------------------------------------------------------------------
+    def model_state(self) -> dict[str, torch.Tensor]:
+        return self.ds.module.state_dict()  # ZeRO 1/2 keep full parameters on every rank
+
+    def load_model_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.ds.module.load_state_dict(state)
+        if self.zero_stage:
+            from deepspeed.utils import safe_set_full_fp32_param
+
+            with torch.no_grad():
+                for p in self.ds.module.parameters():
+                    safe_set_full_fp32_param(p, p.detach())  # the fp32 master partitions follow the weights
+
+    def optimizer_state(self) -> dict:
+        """torch's per-parameter format (same as the ddp engine); with ZeRO a collective call on every rank."""
+        if not self.zero_stage:
+            return self.optimizer.state_dict()
+        return gather_zero_state(self.optimizer, self.ds.optimizer.bit16_groups, self.ds.optimizer.dp_process_group)
+
+    def load_optimizer_state(self, state: dict) -> None:
+        if not self.zero_stage:
+            self.optimizer.load_state_dict(state)
+        else:
+            scatter_zero_state(self.optimizer, self.ds.optimizer.bit16_groups, state)
+
+    def close(self) -> None:
+        self._counter.uninstall()
+        if self._own_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self._own_group = False
+
+
+# ---- ZeRO optimizer state ⇄ torch's per-parameter format ------------------------------------------------
+# ZeRO 1/2 give the torch optimizer one flat fp32 partition per param group and rank; DeepSpeed links each
+# model parameter to its fragment of that partition (`_hp_mapping`: where the fragment sits in the parameter
+# and in the partition; parameters outside this rank's partition have none).
+
+
+def _fragment_keys(flat: torch.Tensor, flat_state: dict) -> list[str]:
+    return sorted(k for k, v in flat_state.items() if torch.is_tensor(v) and v.shape == flat.shape)
+
+
+def gather_zero_state(base: torch.optim.Optimizer, groups: list[list[nn.Parameter]], group=None) -> dict:
+    """Every rank's fragments assembled into full per-parameter tensors (call on every rank)."""
+    state, param_groups, index = {}, [], 0
+    for gi, params in enumerate(groups):
+        flat = base.param_groups[gi]["params"][0]
+        flat_state = base.state.get(flat, {})
+        keys = _fragment_keys(flat, flat_state)
+        full = torch.zeros(len(keys), sum(p.numel() for p in params), dtype=flat.dtype, device=flat.device)
+        offset = 0
+        for p in params:
+            mapping = getattr(p, "_hp_mapping", None)
+            if mapping is not None:
+                lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
+                start = offset + lp.start
+                for j, key in enumerate(keys):
+                    full[j, start:start + lp.numel] = flat_state[key][hp.start:hp.start + hp.numel]
+            offset += p.numel()
+        if keys and dist.is_initialized():
+            dist.all_reduce(full, group=group)  # every element is owned by exactly one rank, the others add 0
+        offset, ids = 0, []
+        for p in params:
+            if flat_state:
+                entry = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in flat_state.items() if k not in keys}
+                entry.update({key: full[j, offset:offset + p.numel()].view_as(p).clone() for j, key in enumerate(keys)})
+                state[index] = entry
+            ids.append(index)
+            offset, index = offset + p.numel(), index + 1
+        param_groups.append({**{k: v for k, v in base.param_groups[gi].items() if k != "params"}, "params": ids})
+    return {"state": state, "param_groups": param_groups}
+
+
+def scatter_zero_state(base: torch.optim.Optimizer, groups: list[list[nn.Parameter]], saved: dict) -> None:
+    """Load torch's per-parameter format: each rank keeps the fragments of its own partition."""
+    sizes = [len(g["params"]) for g in saved["param_groups"]]
+    if sizes != [len(params) for params in groups]:
+        raise ValueError(f"optimizer state has param groups of sizes {sizes}, this model "
+                         f"{[len(params) for params in groups]}")
+    saved_state = {int(k): v for k, v in saved["state"].items()}
+    for gi, (params, saved_group) in enumerate(zip(groups, saved["param_groups"], strict=True)):
+        base.param_groups[gi].update({k: v for k, v in saved_group.items() if k != "params"})
+        entries = [saved_state.get(int(i)) for i in saved_group["params"]]
+        if not any(entries):
+            continue
+        flat = base.param_groups[gi]["params"][0]
+        flat_state = base.state[flat]
+        first = next(e for e in entries if e)
+        for key, value in first.items():
+            if torch.is_tensor(value) and value.shape == params[entries.index(first)].shape:
+                target = flat_state.get(key)
+                if target is None or target.shape != flat.shape:
+                    target = flat_state[key] = torch.zeros_like(flat)
+                for p, entry in zip(params, entries, strict=True):
+                    mapping = getattr(p, "_hp_mapping", None)
+                    if mapping is not None and entry:
+                        lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
+                        target[hp.start:hp.start + hp.numel].copy_(entry[key].reshape(-1)[lp.start:lp.start + lp.numel])
+            else:  # per-step scalars (Adam's step) are the same for every parameter
+                flat_state[key] = value.clone().to(flat.device) if torch.is_tensor(value) else value
