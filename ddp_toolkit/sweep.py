@@ -559,11 +559,14 @@ def within(value: float | None, reference: float | None, metric: str, tolerance:
 
 def verdicts(rows: list[dict], metric: str, tolerance: float) -> list[dict]:
     """Per rule: the reference (its smallest-B point), the largest B up to which every point is within
-    tolerance of it, the first B that is not, and the noise scale measured in the reference run."""
+    tolerance of it, the first B that is not, and the noise scale measured in the reference run.
+
+    A diverged point is outside the tolerance; a failed one (the run itself broke) is left out, not judged.
+    """
     out = []
-    for rule in dict.fromkeys(r["rule"] for r in rows if r["stage"] == "main"):
-        pts = sorted((r for r in rows if r["stage"] == "main" and r["rule"] == rule),
-                     key=lambda r: r["global_batch_size"])
+    judged = [r for r in rows if r["stage"] == "main" and r.get("status") != "failed"]
+    for rule in dict.fromkeys(r["rule"] for r in judged):
+        pts = sorted((r for r in judged if r["rule"] == rule), key=lambda r: r["global_batch_size"])
         ref = pts[0]
         ref_value = metric_value(ref, metric)
         holds, breaks = None, None
@@ -625,7 +628,7 @@ def _num(value: Any, digits: int = 4) -> str:
     if value is None:
         return "–"
     if isinstance(value, float):
-        return f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:,.0f}"
+        return f"{value:,.0f}" if 1000 <= abs(value) < 1e6 else f"{value:.{digits}g}"
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
@@ -716,9 +719,9 @@ def plot_metric_vs_batch(rows: list[dict], verdict_rows: list[dict], spec: Sweep
     for i, noise in enumerate(dict.fromkeys(v["noise_scale"] for v in verdict_rows if v["noise_scale"])):
         for ax in (ax_m, ax_l):
             ax.axvline(noise, color="0.3", ls=":", lw=1.2, label=None if i else "B_simple (B_ref run)")
-    ax_m.set(xscale="log", xlabel="global batch size B", ylabel=spec.metric, title=f"final {spec.metric}")
-    ax_l.set(xscale="log", yscale="log", xlabel="global batch size B", ylabel="train loss",
-             title="final train loss")
+    ax_m.set(xlabel="global batch size B", ylabel=spec.metric, title=f"final {spec.metric}")
+    ax_l.set(xlabel="global batch size B", ylabel="train loss", title="final train loss")
+    _log_y(ax_l)
     for ax in (ax_m, ax_l):
         ax.set_xscale("log", base=2)
         ax.grid(True, which="both", alpha=0.3)
@@ -743,7 +746,8 @@ def plot_loss_vs_samples(rows: list[dict], spec: SweepSpec, path: Path) -> None:
             xs, ys = zip(*r["_loss_curve"], strict=True)
             color = cmap(sizes.index(r["global_batch_size"]) / max(len(sizes) - 1, 1))
             ax.plot(xs, _smooth(list(ys)), color=color, lw=1.2, label=f"B={r['global_batch_size']}")
-        ax.set(yscale="log", xlabel="samples seen", ylabel="train loss (smoothed)", title=rule)
+        ax.set(xlabel="samples seen", ylabel="train loss (smoothed)", title=rule)
+        _log_y(ax)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.savefig(path, dpi=110)
@@ -767,11 +771,19 @@ def plot_steps_to_target(rows: list[dict], spec: SweepSpec, target: float | None
         B0, s0 = first["global_batch_size"], first["steps_to_target"]
         ax.plot(Bs, [s0 * B0 / B for B in Bs], "--", color="0.3", lw=1, label="perfect scaling")
     ax.set_xscale("log", base=2)
-    ax.set(yscale="log", xlabel="global batch size B", ylabel="iterations to reach target",
+    ax.set(xlabel="global batch size B", ylabel="iterations to reach target",
            title=f"steps to {spec.metric} {_num(target)} (missing: not reached)")
+    _log_y(ax)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=110)
+
+
+def _log_y(ax) -> None:
+    """Log y-axis when the plotted data allow it (all-diverged runs leave nothing positive and finite)."""
+    ys = [y for line in ax.get_lines() for y in line.get_ydata()]
+    if any(math.isfinite(y) and y > 0 for y in ys):
+        ax.set_yscale("log")
 
 
 def _nan(value: float | None) -> float:
@@ -798,11 +810,17 @@ def write_plots(rows: list[dict], verdict_rows: list[dict], spec: SweepSpec, tar
     except ImportError:
         warn("matplotlib is not installed (pip install 'ddp_toolkit[plots]'): no plots")
         return []
-    paths = [out / "metric_vs_batch.png", out / "loss_vs_samples.png", out / "steps_to_target.png"]
-    plot_metric_vs_batch(rows, verdict_rows, spec, paths[0])
-    plot_loss_vs_samples(rows, spec, paths[1])
-    plot_steps_to_target(rows, spec, target, paths[2])
-    return paths
+    plots = {"metric_vs_batch.png": lambda path: plot_metric_vs_batch(rows, verdict_rows, spec, path),
+             "loss_vs_samples.png": lambda path: plot_loss_vs_samples(rows, spec, path),
+             "steps_to_target.png": lambda path: plot_steps_to_target(rows, spec, target, path)}
+    written = []
+    for name, plot in plots.items():
+        try:
+            plot(out / name)
+            written.append(out / name)
+        except Exception as err:  # a plot never costs the results: csv and md are written regardless
+            warn(f"plot {name} failed: {type(err).__name__}: {err}")
+    return written
 
 
 # ---- the sweep ------------------------------------------------------------------------------------------
@@ -909,12 +927,16 @@ def _report(sweep: Sweep, rows: list[dict], out: Path, info: dict) -> dict:
     (out / "results.md").write_text(markdown(sweep, rows, verdict_rows, info))
     result = {"verdicts": verdict_rows, "target": target, "base_lr": info["base_lr"],
               "world_size": info["world_size"], "wall_seconds": info["wall_seconds"], "trained": info["trained"],
-              "skipped": info["skipped"], "plots": [p.name for p in info["plots"]]}
+              "skipped": info["skipped"], "plots": [p.name for p in info["plots"]],
+              "failed": [f"B={r['global_batch_size']} {r['rule']}" for r in rows if r["status"] == "failed"]}
     (out / "verdict.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
 def print_verdict(result: dict, metric: str, out: Path) -> None:
+    if result.get("failed"):
+        _warn(f"{len(result['failed'])} point(s) failed and are left out of the verdict: "
+              f"{', '.join(result['failed'])}; see their point.json, then rerun to retry them")
     _say(f"\nverdict ({metric}; W = {result['world_size']}; {result['wall_seconds']:.0f} s):")
     for v in result["verdicts"]:
         _say(f"  {v['rule']}: holds up to B = {_num(v['largest_batch_size'])} (first outside tolerance: "
@@ -940,6 +962,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     sweep = load_sweep(args.sweep_file)
     out = Path(args.out) if args.out else Path("runs") / "sweeps" / sweep.name
     if args.dry_run:
+        if sweep.spec.lr_grid:
+            _say("main points are listed at the base config's lr; the grid at B_ref picks the lr they train with")
         for p in expand_points(sweep, out, args.processes):
             b = p.config["batch"]
             state = f"same run as {p.same_as.label}" if p.same_as else ("finished" if is_finished(p) else "to train")
