@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import socket
+import sys
 import tempfile
 from collections.abc import Callable
 from datetime import timedelta
@@ -57,6 +58,8 @@ def machine() -> dict:
 
 
 def _worker(rank: int, world_size: int, port: int, device: str, fn: Callable, spec: dict, out: str) -> None:
+    sys.stdout.flush()
+    os.dup2(2, 1)  # stdout carries only the parent's JSON document; libraries' chatter goes to stderr
     # the variables torchrun would set: Accelerate's state reads them
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -77,15 +80,44 @@ def spawn(fn: Callable, spec: dict, world_size: int, device: str) -> dict:
     """Run `fn(rank, world_size, port, device, spec)` in `world_size` fresh processes; rank 0's return value.
 
     One thread per process (OMP_NUM_THREADS=1 also stops Accelerate from choosing its own thread count).
-    With device `cpu` on a GPU machine the GPUs are hidden from the workers.
+    With device `cpu` on a GPU machine the GPUs are hidden from the workers. The variables are set for the
+    workers only: this process's environment is restored afterwards.
     """
-    os.environ["OMP_NUM_THREADS"] = "1"
-    if device == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    with tempfile.TemporaryDirectory(prefix="ddp_bench_") as tmp:
-        out = os.path.join(tmp, "result.json")
-        mp.spawn(_worker, args=(world_size, free_port(), device, fn, spec, out), nprocs=world_size, join=True)
-        return json.loads(Path(out).read_text())
+    changes = {"OMP_NUM_THREADS": "1", **({"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else {})}
+    saved = {key: os.environ.get(key) for key in changes}
+    os.environ.update(changes)
+    try:
+        with tempfile.TemporaryDirectory(prefix="ddp_bench_") as tmp:
+            out = os.path.join(tmp, "result.json")
+            mp.spawn(_worker, args=(world_size, free_port(), device, fn, spec, out), nprocs=world_size, join=True)
+            return json.loads(Path(out).read_text())
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def make_data(features: int, classes: int, size: int, dtype: torch.dtype = torch.float32):
+    """`size` seeded synthetic samples as the toolkit's TensorData (whole batches by one index operation)."""
+    from ddp_toolkit.data import TensorData, synthetic_classification
+
+    train, _ = synthetic_classification(size, 0, features, classes, noise=0.5, seed=0)
+    return TensorData(train.x.to(dtype), train.y)
+
+
+def make_model(features: int, classes: int, hidden: list[int], dtype: torch.dtype = torch.float32):
+    """The toolkit's MLP, initialised from seed 0 (so every variant starts from the same weights)."""
+    from ddp_toolkit.models import mlp
+
+    torch.manual_seed(0)
+    return mlp(features, classes, hidden).to(dtype)
+
+
+def identity_collate(batch):
+    """TensorData.__getitems__ already returns the batch (x, y)."""
+    return batch
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
