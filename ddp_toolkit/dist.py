@@ -6,6 +6,7 @@ The backend follows the device: nccl when CUDA is available, gloo on CPU.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -124,7 +125,7 @@ class DistEnv:
     def backend(self) -> str:
         return "nccl" if torch.cuda.is_available() else "gloo"
 
-    @property
+    @functools.cached_property
     def device(self) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda", self.local_rank % torch.cuda.device_count())

@@ -7,6 +7,7 @@ the synced gradient of an iteration is the mean gradient over the global batch, 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import signal
@@ -159,6 +160,8 @@ class Trainer:
                  eval_set: Dataset | None = None, env: DistEnv | None = None,
                  count_items: Callable[[object], int] | None = None,
                  sync_every_micro_step: bool = False) -> None:
+        if eval_set is not None and len(eval_set) == 0:
+            eval_set = None  # data.eval_size: 0 means no evaluation
         self.model, self.train_set, self.eval_set, self.cfg = model, train_set, eval_set, config
         self.loss_fn, self.count_items = loss_fn, count_items
         self.env = env or DistEnv.from_env()
@@ -199,6 +202,8 @@ class Trainer:
         self.reporter = Reporter(cfg, env, self.plan, enabled=env.is_main)
         self.stop_flag = _StopFlag(self.run_dir)
         self._empty_template = None
+        self._autocast = (functools.partial(torch.autocast, env.device.type, torch.bfloat16)
+                          if cfg.train.precision == "bf16" else contextlib.nullcontext)
         self._stop_votes = 0.0
         self._window_start, self._window_samples = time.perf_counter(), 0
 
@@ -300,15 +305,15 @@ class Trainer:
         comm_before = engine.comm.snapshot()
         measure = self._measure_noise(samples)
         first_sq = None
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.env.device)
-        autocast = self.cfg.train.precision == "bf16"
+        item_losses = []  # summed in float64 only when the iteration is logged (see _log)
+        autocast = self._autocast
         for m, (inputs, targets) in enumerate(micro_batches):
             sync = m == k - 1
-            with engine.sync_context(sync), torch.autocast(self.env.device.type, torch.bfloat16, enabled=autocast):
+            with engine.sync_context(sync), autocast():
                 losses = self.loss_fn(engine.model(inputs), targets)
                 loss = losses.sum() * scale
             engine.backward(loss, sync)
-            loss_sum += losses.detach().double().sum()
+            item_losses.append(losses.detach())
             if measure == "micro_batches" and m == 0:
                 first_sq = float(engine.grad_norm()) ** 2
         grad_norm = self._clip_and_step()
@@ -317,7 +322,7 @@ class Trainer:
         if measure:
             first_items = self.count_items(micro_batches[0]) if self.count_items else plan.micro_batch_size
             self._update_noise(measure, first_sq, grad_norm, first_items, items)
-        return {"loss_sum": loss_sum, "items": items, "samples": samples, "grad_norm": grad_norm,
+        return {"item_losses": item_losses, "items": items, "samples": samples, "grad_norm": grad_norm,
                 "allreduces_per_iteration": calls, "allreduce_rounds_per_iteration": rounds,
                 "allreduce_bytes_per_iteration": nbytes, "seconds": time.perf_counter() - t_start}
 
@@ -342,11 +347,12 @@ class Trainer:
 
     def _clip_and_step(self) -> float:
         engine, optim = self.engine, self.cfg.optim
-        norm = float(engine.grad_norm())
+        total_norm = engine.grad_norm()
+        norm = float(total_norm)
         if not math.isfinite(norm):
             self._nonfinite(norm)
         elif optim.grad_clip is not None:
-            engine.clip_grad(optim.grad_clip)
+            engine.clip_grad(optim.grad_clip, total_norm=total_norm)  # reuse the norm: no second pass
             engine.step()
         else:
             engine.step()
@@ -385,7 +391,8 @@ class Trainer:
     # ---- logging, evaluation ---------------------------------------------------------------------------
     def _log(self, row: dict) -> None:
         stop = 1.0 if self.stop_flag.requested() else 0.0
-        loss_sum, stop = all_reduce_sum([float(row["loss_sum"]), stop], self.env.device)
+        local_sum = float(torch.cat([x.reshape(-1) for x in row["item_losses"]]).double().sum())
+        loss_sum, stop = all_reduce_sum([local_sum, stop], self.env.device)
         self._stop_votes, items = stop, row["items"]  # items is already the global count; one reduce for both
         now = time.perf_counter()
         window_seconds, self._window_start = now - self._window_start, now

@@ -69,10 +69,18 @@ class Engine(ABC):
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
         if not grads:
             return torch.zeros(())
+        first = grads[0]
+        if all(g.device == first.device and g.dtype == first.dtype for g in grads):
+            # the usual case, one fused kernel: get_total_norm first regroups by (device, dtype) in Python
+            return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         return torch.nn.utils.get_total_norm(grads)
 
-    def clip_grad(self, max_norm: float) -> None:
-        torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
+    def clip_grad(self, max_norm: float, total_norm: torch.Tensor | None = None) -> None:
+        """Scale gradients to norm ≤ max_norm; `total_norm` (from grad_norm) saves computing it again."""
+        if total_norm is None:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
+        else:
+            torch.nn.utils.clip_grads_with_norm_(self.module.parameters(), max_norm, total_norm)
 
     def step(self) -> None:
         self.optimizer.step()

@@ -230,7 +230,7 @@ class DeepSpeedEngine(Engine):
         norm = torch.as_tensor(optimizer.scaled_global_norm(), dtype=torch.float64) / optimizer.loss_scale
         return norm if bool(torch.isfinite(norm)) and norm >= 0 else torch.tensor(float("inf"))  # -1 flags inf
 
-    def clip_grad(self, max_norm: float) -> None:
+    def clip_grad(self, max_norm: float, total_norm: torch.Tensor | None = None) -> None:
         """Nothing to do here: DeepSpeed clips inside step() (gradient_clipping = optim.grad_clip), same formula."""
 
     def step(self) -> None:
