@@ -166,6 +166,9 @@ class TrainConfig(_Section):
     """Checkpoint and stop after this iteration (resume later with train.resume=auto)."""
     allow_config_change: bool = False
     """Resume even if global batch, dataset size or seed differ from the checkpoint's."""
+    dist_timeout_s: float = Field(600, gt=0)
+    """Timeout of the process group's rendezvous and collectives: a hung peer becomes an error (and a restart
+    under --max-restarts) after this long."""
     num_workers: int = Field(0, ge=0)
     """DataLoader worker processes per rank."""
 

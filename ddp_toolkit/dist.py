@@ -146,14 +146,26 @@ def distributed(env: DistEnv, timeout_s: float = 600) -> Iterator[DistEnv]:
         os.environ["MASTER_PORT"] = str(env.master_port)
         if env.device.type == "cuda":
             torch.cuda.set_device(env.device)
-        dist.init_process_group(env.backend, rank=env.rank, world_size=env.world_size,
-                                timeout=timedelta(seconds=timeout_s))
+        timeout = timedelta(seconds=timeout_s)
+        dist.init_process_group(env.backend, rank=env.rank, world_size=env.world_size, timeout=timeout,
+                                store=_attempt_store(env, timeout))
         created = True
     try:
         yield env
     finally:
         if created and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _attempt_store(env: DistEnv, timeout: timedelta) -> dist.Store | None:
+    """Under torchrun, the agent's store with a prefix per restart attempt, so that a restarted worker group
+    never reads a rendezvous key (a peer's old address) left by the group before it; None elsewhere."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=False, timeout=timeout)
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    return dist.PrefixStore(f"ddp_toolkit/{run_id}/attempt{attempt}/", store)
 
 
 def all_reduce_sum(values: list[float], device: torch.device | None = None) -> list[float]:

@@ -226,7 +226,7 @@ class Trainer:
         """Train to the configured length; returns the summary (also written to run_dir/summary.json)."""
         # the engine checks its config (e.g. a DeepSpeed JSON against the plan) before any rendezvous
         self.engine = build_engine(self.cfg, self.env, self.plan, sync_every_micro_step=self.sync_every_micro_step)
-        with distributed(self.env):
+        with distributed(self.env, timeout_s=self.cfg.train.dist_timeout_s):
             self._setup()
             resumed = self._maybe_resume()
             self.reporter.truncate_after(self.progress.iteration)  # a fresh run starts a fresh metrics.jsonl

@@ -51,7 +51,8 @@ def test_sigkilled_workers_restart_from_checkpoint_bit_exact(tmp_path):
     """Five SIGKILLs at seeded iterations under --max-restarts: same final weights, every iteration once."""
     raw = small_config(tmp_path / "x", data={"size": 2000, "features": 64}, model={"hidden": [256, 256]},
                        batch={"micro_batch_size": 16, "global_batch_size": 64},
-                       train={"iterations": 160, "log_every": 1, "checkpoint_every": 7, "resume": "auto"},
+                       train={"iterations": 160, "log_every": 1, "checkpoint_every": 7, "resume": "auto",
+                              "dist_timeout_s": 20},
                        optim={"lr": 0.05, "warmup": 10, "schedule": "cosine"})
     config = write_config(raw, tmp_path / "cfg.yaml")
     full = torchrun(config, 2, f"run_dir={tmp_path / 'full'}")
@@ -61,7 +62,8 @@ def test_sigkilled_workers_restart_from_checkpoint_bit_exact(tmp_path):
     kill_at = sorted(rng.sample(range(10, 150, 10), 5))
     kill_at = [k + rng.randrange(10) for k in kill_at]
     run_dir = tmp_path / "crashy"
-    # a restarted group occasionally fails its gloo connect once (torch elastic, loopback): allow spare restarts
+    # a restarted group occasionally hangs in its gloo rendezvous (torch elastic, loopback): dist_timeout_s turns
+    # that into an error and another restart, so allow spare restarts
     cmd = torchrun_command(config, 2, f"run_dir={run_dir}", max_restarts=10)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
                             env=worker_env())
