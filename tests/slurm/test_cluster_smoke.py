@@ -68,6 +68,9 @@ print(f"rank {rank} world {os.environ['WORLD_SIZE']} restart {restart} args {' '
 open(f"{os.path.dirname(flag)}/started-{restart}-{rank}", "w").close()
 while restart == "0" and not os.path.exists(flag):
     time.sleep(0.1)
+if restart == "0" and rank == "0":  # like the trainer: say that a checkpoint was written, so a requeue is due
+    with open(flag, "w") as fh:
+        fh.write("checkpoint it00000001 at iteration 1")
 print(f"rank {rank} stops", flush=True)
 """
 
