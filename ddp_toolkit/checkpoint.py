@@ -26,14 +26,18 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ddp_toolkit.errors import EXIT_INPUT, ToolkitError
+
 __all__ = ["CheckpointError", "save_checkpoint", "find_latest", "load_checkpoint", "rng_state",
            "set_rng_state"]
 
 MANIFEST = "manifest.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ToolkitError):
     """A checkpoint that cannot be used; the message names the file and the problem."""
+
+    exit_code = EXIT_INPUT
 
 
 def _fsync_file(path: Path) -> None:

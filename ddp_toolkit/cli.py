@@ -11,12 +11,13 @@ import sys
 from collections.abc import Callable
 
 from ddp_toolkit import sweep as _sweep
+from ddp_toolkit.errors import InputError, ToolkitError
 from ddp_toolkit.plan import BatchPlan
 
 EXIT_USAGE = 2
 
 
-class UsageError(Exception):
+class UsageError(InputError):
     """Bad input from the command line: printed as one line, exit code 2."""
 
 
@@ -147,27 +148,11 @@ def _add_launch(sub: argparse._SubParsersAction) -> None:
 
 def launch_command(args: argparse.Namespace) -> list[str]:
     """The torch.distributed.run command line that starts launch/train.py on this node."""
-    import socket
-    import sys
-    from pathlib import Path
+    from ddp_toolkit.launcher import torchrun_command, train_target
 
-    endpoint = args.rdzv_endpoint
-    if endpoint is None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            endpoint = f"127.0.0.1:{s.getsockname()[1]}"
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc_per_node}",
-           f"--nnodes={args.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
-           f"--max-restarts={args.max_restarts}"]
-    if args.rdzv_id:
-        cmd.append(f"--rdzv-id={args.rdzv_id}")
-    if endpoint.startswith("127.0.0.1") or endpoint.startswith("localhost"):
-        cmd.append("--local-addr=127.0.0.1")
-    if args.node_rank is not None:
-        cmd.append(f"--node-rank={args.node_rank}")
-    script = Path(__file__).resolve().parent.parent / "launch" / "train.py"
-    target = [str(script)] if script.exists() else ["-m", "ddp_toolkit.cli", "train"]
-    return cmd + target + [args.config, *args.overrides]
+    return torchrun_command(train_target(args.config, args.overrides), nproc_per_node=args.nproc_per_node,
+                            nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id,
+                            max_restarts=args.max_restarts, node_rank=args.node_rank)
 
 
 def _cmd_launch(args: argparse.Namespace) -> int:
@@ -377,23 +362,11 @@ def _fail(err: Exception, code: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
-    from ddp_toolkit.config import ConfigError
-    from ddp_toolkit.plan import PlanError
-
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
-    except (UsageError, ConfigError, PlanError) as err:
-        return _fail(err, EXIT_USAGE)
-    except Exception as err:  # errors of the run itself, named by type, still one line
-        from ddp_toolkit.checkpoint import CheckpointError
-        from ddp_toolkit.trainer import TrainingStopped
-
-        if isinstance(err, CheckpointError):
-            return _fail(err, EXIT_USAGE)
-        if isinstance(err, TrainingStopped):
-            return _fail(err, 1)
-        raise
+    except ToolkitError as err:  # every error raised on purpose: one line and its own exit code
+        return _fail(err, err.exit_code)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

@@ -11,14 +11,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ddp_toolkit.plan import parse_duration
+from ddp_toolkit.errors import InputError
+from ddp_toolkit.duration import Duration
 
 __all__ = ["Config", "ConfigError", "load_config", "apply_overrides", "DEFAULT_CONFIG"]
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config that cannot be used; the message is one line naming key, value and what is allowed."""
 
 
@@ -32,7 +33,7 @@ def _duration(value: Any) -> str | int | None:
         return None
     if isinstance(value, bool):
         raise ValueError(f"expected a duration like 500it, 5ep or 20000sp, got {value!r}")
-    parse_duration(value)
+    Duration.parse(value)
     return value
 
 
@@ -186,13 +187,13 @@ class TrainConfig(_Section):
         return self
 
     @property
-    def stop(self) -> tuple[str, float]:
-        """(unit, amount) at which training stops: `ep`, `it` or `sp`; 2 epochs when none is given."""
+    def stop(self) -> Duration:
+        """The length of the run: train.iterations, train.samples or train.epochs (2 epochs when none is given)."""
         if self.iterations is not None:
-            return "it", self.iterations
+            return Duration.iterations(self.iterations)
         if self.samples is not None:
-            return "sp", self.samples
-        return "ep", self.epochs if self.epochs is not None else 2.0
+            return Duration.samples(self.samples)
+        return Duration.epochs(self.epochs if self.epochs is not None else 2.0)
 
 
 class ReportConfig(_Section):

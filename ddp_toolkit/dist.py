@@ -16,7 +16,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from ddp_toolkit.slurm import expand_nodelist, master_port_for_job
+from ddp_toolkit.cluster import expand_nodelist, master_port_for_job
 
 __all__ = ["DistEnv", "distributed", "detect_launcher", "all_reduce_sum"]
 

@@ -7,52 +7,35 @@ impossible plan raises one `PlanError` whose message names every factor and what
 from __future__ import annotations
 
 import math
-import re
+import operator
 from dataclasses import asdict, dataclass
-from typing import Literal
 
-__all__ = ["BatchPlan", "DURATION_UNITS", "PlanError", "parse_duration", "split_evenly"]
+from ddp_toolkit.duration import Duration
+from ddp_toolkit.errors import InputError
 
-DurationUnit = Literal["it", "ep", "sp"]
-DURATION_UNITS: tuple[str, ...] = ("it", "ep", "sp")
+__all__ = ["BatchPlan", "Duration", "PlanError", "as_int", "parse_duration", "split_evenly"]
 
-
-class PlanError(ValueError):
+class PlanError(InputError):
     """A batch plan that cannot exist; the message names every factor involved."""
 
 
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        else:
-            raise PlanError(f"{name} must be a positive integer, got {value!r}")
-    if value <= 0:
-        raise PlanError(f"{name} must be a positive integer, got {value}")
+def as_int(name: str, value: object, minimum: int = 1, error: type[InputError] = PlanError) -> int:
+    """The one integer check: ints and numpy ints pass, bools, floats (even 4.0) and strings do not."""
+    wanted = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+    if isinstance(value, bool):
+        raise error(f"{name} must be {wanted}, got {value!r}")
+    try:
+        value = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise error(f"{name} must be {wanted}, got {value!r}") from None
+    if value < minimum:
+        raise error(f"{name} must be {wanted}, got {value}")
     return value
 
 
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(it|ep|sp)?\s*$")
-_DURATION_FORMS = "an int of iterations or a string like 500it, 500, 5ep, 2.5ep or 20000sp"
-
-def parse_duration(text: str | int) -> tuple[float, DurationUnit]:
-    """Parse `500it`, `500` (iterations), `5ep` / `2.5ep` (epochs) or `20000sp` (samples) into (value, unit).
-
-    Iterations and samples must be whole numbers; epochs may be fractional. A bare int means iterations.
-    """
-    if isinstance(text, bool) or not isinstance(text, (int, str)):
-        raise ValueError(f"bad duration {text!r}: expected {_DURATION_FORMS}")
-    if isinstance(text, int):
-        if text < 0:
-            raise ValueError(f"bad duration {text!r}: must be >= 0; expected {_DURATION_FORMS}")
-        return float(text), "it"
-    match = _DURATION_RE.match(text)
-    if match is None:
-        raise ValueError(f"bad duration {text!r}: expected {_DURATION_FORMS}")
-    value, unit = float(match.group(1)), match.group(2) or "it"
-    if unit != "ep" and not value.is_integer():
-        raise ValueError(f"bad duration {text!r}: {unit} must be a whole number; expected {_DURATION_FORMS}")
-    return value, unit
+def parse_duration(text: Duration | str | int) -> Duration:
+    """Parse `500it`, `500` (iterations), `5ep` / `2.5ep` (epochs) or `20000sp` (samples) into a Duration."""
+    return Duration.parse(text)
 
 
 def split_evenly(count: int, parts: int) -> list[int]:
@@ -78,7 +61,7 @@ class BatchPlan:
 
     def __post_init__(self) -> None:
         for name in ("dataset_size", "micro_batch_size", "world_size", "grad_accum_steps"):
-            object.__setattr__(self, name, _check_positive_int(name, getattr(self, name)))
+            object.__setattr__(self, name, as_int(name, getattr(self, name)))
         if self.drop_last and self.dataset_size < self.global_batch_size:
             raise PlanError(
                 f"dataset_size {self.dataset_size} is smaller than global_batch_size {self.global_batch_size} "
@@ -111,7 +94,7 @@ class BatchPlan:
                             f"grad_accum_steps; missing: {', '.join(missing)}")
         for name, value in given.items():
             if value is not None:
-                given[name] = _check_positive_int(name, value)
+                given[name] = as_int(name, value)
         if not missing or missing[0] != "global_batch_size":
             _derive_factor(given, missing[0] if missing else None)
         return cls(
@@ -208,20 +191,17 @@ class BatchPlan:
         full_epochs, rest = divmod(samples, self.samples_per_epoch)
         return full_epochs * self.iterations_per_epoch + -(-rest // self.global_batch_size)
 
-    def iterations_in(self, duration: str | int | tuple[str, float]) -> int:
-        """A duration (`500it`, `5ep`, `20000sp`, 500, or a (unit, amount) pair) in iterations.
+    def iterations_in(self, duration: Duration | str | int) -> int:
+        """A duration (`500it`, `5ep`, `20000sp`, 500 or a Duration) in iterations.
 
         Epochs round up to a whole iteration; samples count short last batches exactly.
         """
-        if isinstance(duration, tuple):
-            unit, value = duration
-        else:
-            value, unit = parse_duration(duration)
-        if unit == "ep":
-            return self.iterations_for(value)
-        if unit == "sp":
-            return self.iterations_for_samples(int(value))
-        return int(value)
+        d = Duration.parse(duration)
+        if d.unit == "ep":
+            return self.iterations_for(d.value)
+        if d.unit == "sp":
+            return self.iterations_for_samples(int(d.value))
+        return int(d.value)
 
     def samples_for(self, iterations: int) -> int:
         """Samples seen (over all ranks) after `iterations` iterations from the start of epoch 0."""

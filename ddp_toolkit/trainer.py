@@ -25,6 +25,7 @@ from ddp_toolkit import checkpoint as ckpt
 from ddp_toolkit.config import Config, ConfigError
 from ddp_toolkit.dist import DistEnv, all_reduce_sum, distributed
 from ddp_toolkit.engines import build_engine
+from ddp_toolkit.errors import RunError
 from ddp_toolkit.lr import Schedule, adam_sqrt_hparams, build_scheduler, scaled_lr
 from ddp_toolkit.noise_scale import NoiseScaleEstimator
 from ddp_toolkit.optim import build_optimizer
@@ -84,7 +85,7 @@ def preflight(cfg: Config, world_size: int) -> BatchPlan:
     return plan
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(RunError):
     """Training ended early on purpose (non-finite loss with on_nonfinite=stop); the message says where."""
 
 
@@ -127,7 +128,7 @@ class _StopFlag:
     """
 
     def __init__(self, run_dir: Path) -> None:
-        from ddp_toolkit.slurm import PREEMPT_ENV, PREEMPT_FILE_NAME
+        from ddp_toolkit.cluster import PREEMPT_ENV, PREEMPT_FILE_NAME
 
         self.signal: str | None = None
         self.file = Path(os.environ.get(PREEMPT_ENV) or run_dir / PREEMPT_FILE_NAME)

@@ -2,20 +2,21 @@
 
 import pytest
 
+from ddp_toolkit.duration import Duration
 from ddp_toolkit.config import DEFAULT_CONFIG, ConfigError, apply_overrides, load_config, validate
 
 
 def test_default_config_loads():
     cfg = load_config(DEFAULT_CONFIG)
     assert cfg.batch.global_batch_size == 128 and cfg.batch.micro_batch_size == 32
-    assert cfg.train.stop == ("ep", 3)
+    assert cfg.train.stop == Duration.epochs(3)
 
 
 def test_overrides_reach_nested_keys_with_yaml_types():
     cfg = load_config(DEFAULT_CONFIG, ["optim.lr=0.5", "model.hidden=[16, 16]", "train.iterations=7",
                                        "train.epochs=null", "batch.drop_last=true", "optim.warmup=2ep"])
     assert cfg.optim.lr == 0.5 and cfg.model.hidden == [16, 16] and cfg.batch.drop_last is True
-    assert cfg.train.stop == ("it", 7) and cfg.optim.warmup == "2ep"
+    assert cfg.train.stop == Duration.iterations(7) and cfg.optim.warmup == "2ep"
 
 
 def test_overrides_do_not_mutate_input():

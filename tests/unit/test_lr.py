@@ -214,7 +214,9 @@ def test_lr_module_has_no_module_level_torch_import() -> None:
      (" 20000sp ", (20000.0, "sp")), (500, (500.0, "it")), (0, (0.0, "it")), ("0ep", (0.0, "ep"))],
 )
 def test_parse_duration(text: str | int, expected: tuple[float, str]) -> None:
-    assert parse_duration(text) == expected
+    d = parse_duration(text)
+    assert (d.value, d.unit) == expected
+    assert parse_duration(str(d)) == d  # the canonical text reads back to the same value
 
 
 @pytest.mark.parametrize(
