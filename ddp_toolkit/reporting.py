@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
+import warnings
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ddp_toolkit.errors import InputError
 from ddp_toolkit.plan import BatchPlan
+from ddp_toolkit.rundir import append_line, atomic_path, atomic_write, describe_os_error
 
 
 def make_console() -> Console:
@@ -125,21 +127,25 @@ class Reporter:
         return self.run_dir / "metrics.jsonl"
 
     def truncate_after(self, iteration: int) -> None:
-        """On resume: drop metrics rows past the checkpoint, so no iteration appears twice."""
+        """On resume: drop metrics rows past the checkpoint, so no iteration appears twice.
+
+        Lines an earlier crash tore (or that are not JSON objects) are cut too, named in one warning; the file
+        is rewritten by atomic replace, so nothing a previous run left can block this one.
+        """
         if not self.enabled or not self.metrics_path.exists():
             return
-        keep = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("iteration", 0) <= iteration]
-        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, self.metrics_path)
+        rows, problem = parse_metrics(self.metrics_path)
+        if problem:
+            self.warn(problem)
+        keep = [json.dumps(r) for r in rows if r.get("iteration", 0) <= iteration]
+        atomic_write(self.metrics_path, "".join(line + "\n" for line in keep))
 
     def start(self, info: dict, progress, total_iterations: int) -> None:
         if not self.enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.info, self.total = info, total_iterations
-        (self.run_dir / "plan.json").write_text(json.dumps(info, indent=2) + "\n")
+        atomic_write(self.run_dir / "plan.json", json.dumps(info, indent=2) + "\n")
         if self.cfg.report.console:
             print_plan_table(self.plan, info, self.console)
             if "resumed_from" in info:
@@ -151,8 +157,7 @@ class Reporter:
 
     def _write(self, row: dict) -> None:
         if self.cfg.report.jsonl:
-            with open(self.metrics_path, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
+            append_line(self.metrics_path, json.dumps(row))
         if self._wandb is not None:
             self._wandb.log(row)
 
@@ -182,7 +187,7 @@ class Reporter:
         if self._live is not None:
             self._live.close()
             self._live = None
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         if self.cfg.report.console:
             print_summary(summary, self.console)
         if self._wandb is not None:
@@ -292,15 +297,54 @@ class WandbSink:
                 self.warn(f"wandb finish failed ({type(err).__name__})")
 
 
+def write_final_weights(run_dir: Path, model_state: dict) -> Path:
+    """run_dir/final/model.safetensors by atomic replace; a disk error is one RunError line naming the file."""
+    from safetensors.torch import save_file
+
+    final = Path(run_dir) / "final"
+    final.mkdir(parents=True, exist_ok=True)
+    with atomic_path(final / "model.safetensors") as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp)
+    return final / "model.safetensors"
+
+
 # ---- after the run: `ddp-toolkit report RUN_DIR` --------------------------------------------------------------
-def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(train rows, eval rows) of run_dir/metrics.jsonl."""
-    path = Path(run_dir) / "metrics.jsonl"
+def _metrics_row(line: str) -> dict | None:
+    """The row a metrics line holds, or None for a torn line, a non-object or a non-numeric iteration."""
     try:
-        lines = path.read_text().splitlines()
+        row = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(row, dict) or not isinstance(row.get("iteration", 0), (int, float)):
+        return None
+    return row
+
+
+def parse_metrics(path: Path) -> tuple[list[dict], str | None]:
+    """(rows, None) or (readable rows, one sentence naming the unreadable lines that were left out)."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8", "replace")
     except OSError as err:
-        raise ValueError(f"cannot read {path}: {err.strerror}") from None
-    rows = [json.loads(line) for line in lines if line.strip()]
+        raise InputError(f"cannot read {path}: {describe_os_error(err)}") from None
+    rows, bad = [], []
+    for number, line in enumerate(text.splitlines(), 1):
+        row = _metrics_row(line) if line.strip() else {}
+        if row is None:
+            bad.append(number)
+        elif row:
+            rows.append(row)
+    if not bad:
+        return rows, None
+    where = f"line {bad[0]}" if len(bad) == 1 else f"{len(bad)} lines ({', '.join(map(str, bad[:5]))}" + \
+        (", ...)" if len(bad) > 5 else ")")
+    return rows, f"{path}: cut {where} that is not a JSON object (torn by an earlier crash or a full disk?)"
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(train rows, eval rows) of run_dir/metrics.jsonl; torn lines are left out with one warning."""
+    rows, problem = parse_metrics(Path(run_dir) / "metrics.jsonl")
+    if problem:
+        warnings.warn(problem.replace(": cut ", ": ignoring ", 1), stacklevel=2)
     return [r for r in rows if r.get("kind", "train") == "train"], [r for r in rows if r.get("kind") == "eval"]
 
 
@@ -336,8 +380,11 @@ def write_plots(run_dir: Path) -> list[Path]:
         ax.legend()
         fig.tight_layout()
         path = Path(run_dir) / name
-        fig.savefig(path)
-        plt.close(fig)
+        try:
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp, format="png")
+        finally:
+            plt.close(fig)
         out.append(path)
     return out
 
@@ -351,14 +398,27 @@ def _epoch_boundaries(rows: list[dict]) -> list[int]:
     return list(range(ipe, rows[-1]["iteration"] + 1, ipe))
 
 
+def _read_summary(path: Path) -> dict | None:
+    """summary.json as a dict, or None when absent or unreadable (a warning says which)."""
+    if not path.exists():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        summary = err
+    if isinstance(summary, dict):
+        return summary
+    warnings.warn(f"ignoring {path}: not a JSON object; summarising from metrics.jsonl", stacklevel=3)
+    return None
+
+
 def report_run(run_dir: Path, console: Console | None = None) -> list[Path]:
     """Write the plots and print the summary again (from summary.json, or from the metrics)."""
     console = console or make_console()
     paths = write_plots(run_dir)
     summary_path = Path(run_dir) / "summary.json"
-    if summary_path.exists():
-        summary = json.loads(summary_path.read_text())
-    else:
+    summary = _read_summary(summary_path)
+    if summary is None:
         train, _ = read_metrics(run_dir)
         last = train[-1]
         summary = {"iterations": last["iteration"], "epochs": last["epoch"], "samples_seen": last["samples_seen"],
