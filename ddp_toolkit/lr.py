@@ -10,13 +10,15 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
     "SCALING_RULES",
+    "ScalingRule",
+    "Decay",
     "DECAYS",
     "scaled_lr",
     "adam_sqrt_hparams",
@@ -27,8 +29,8 @@ __all__ = [
 ScalingRule = Literal["none", "linear", "sqrt", "adam_sqrt"]
 Decay = Literal["constant", "cosine", "step"]
 
-SCALING_RULES: tuple[str, ...] = ("none", "linear", "sqrt", "adam_sqrt")
-DECAYS: tuple[str, ...] = ("constant", "cosine", "step")
+SCALING_RULES: tuple[str, ...] = get_args(ScalingRule)
+DECAYS: tuple[str, ...] = get_args(Decay)
 
 
 def _check_positive(name: str, value: float) -> None:

@@ -103,3 +103,54 @@ class NoiseScaleEstimator:
         self.steps = int(state["steps"])
         self._ema_gradient_sq = float(state["ema_gradient_sq"])
         self._ema_trace_sigma = float(state["ema_trace_sigma"])
+
+
+class NoiseMeter:
+    """Feeds a `NoiseScaleEstimator` from a running loop, full global batches only.
+
+    Two sources. Across ranks (W ≥ 2, an engine that measures norms in its gradient sync): the mean over ranks
+    of the local squared norms (b·k samples each; the mean rides on the iteration's scalar all-reduce) against
+    the synced one (B). Across micro-batches (W = 1, k ≥ 2): the gradient after the first micro-step (its items)
+    against the whole iteration's (all items). The engine is any object with `supports_norm_measurement`,
+    `measure_norms(on)`, `measured_norms()` and `grad_norm()`.
+    """
+
+    def __init__(self, estimator: NoiseScaleEstimator, engine: Any, *, world_size: int, local_batch_size: int,
+                 global_batch_size: int, grad_accum_steps: int) -> None:
+        self.estimator, self.engine, self.world_size = estimator, engine, world_size
+        self.local_batch_size, self.global_batch_size, self.k = local_batch_size, global_batch_size, grad_accum_steps
+        self.by_ranks = self.by_micro_batches = False
+        self._first_sq: float | None = None
+
+    def begin(self, samples: int) -> None:
+        """Decide how this iteration is measured (a short last batch is not)."""
+        full = samples == self.global_batch_size
+        self.by_ranks = full and self.world_size > 1 and bool(self.engine.supports_norm_measurement)
+        self.by_micro_batches = full and self.world_size == 1 and self.k > 1
+        self._first_sq = None
+        self.engine.measure_norms(self.by_ranks)
+
+    def after_micro_step(self, micro_step: int) -> None:
+        if self.by_micro_batches and micro_step == 0:
+            self._first_sq = float(self.engine.grad_norm()) ** 2
+
+    def reduce_value(self) -> float | None:
+        """This rank's local squared norm, to be summed over ranks, or None when not measuring by ranks."""
+        norms = self.engine.measured_norms() if self.by_ranks else None
+        return None if norms is None else norms[0]
+
+    def finish(self, local_sq_sum: float | None, grad_norm: float, first_items: int, items: int) -> None:
+        """Feed the estimator; every rank calls it with the same reduced values, so every rank agrees."""
+        if self.by_ranks and local_sq_sum is not None:
+            small = local_sq_sum / self.world_size
+            big = self.engine.measured_norms()[1]
+            b_small, b_big = self.local_batch_size, self.global_batch_size
+        elif self.by_micro_batches and self._first_sq is not None:
+            # the loss is divided by the iteration's items, so after micro-step 0 the gradient is
+            # (first_items / items) · G_small
+            small = self._first_sq * (items / first_items) ** 2 if first_items else math.nan
+            big, b_small, b_big = grad_norm**2, first_items, items
+        else:
+            return
+        if math.isfinite(small) and math.isfinite(big):
+            self.estimator.update(small, big, b_small, b_big)

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
-__all__ = ["OPTIMIZERS", "build_optimizer"]
+__all__ = ["OPTIMIZERS", "OptimizerName", "build_optimizer"]
 
-OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw", "adam", "lars", "lamb")
+OptimizerName = Literal["sgd", "adam", "adamw", "lars", "lamb"]
+OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
 
 Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 

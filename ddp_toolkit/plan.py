@@ -13,24 +13,29 @@ from dataclasses import asdict, dataclass
 from ddp_toolkit.duration import Duration
 from ddp_toolkit.errors import InputError
 
-__all__ = ["BatchPlan", "Duration", "PlanError", "as_int", "parse_duration", "split_evenly"]
+__all__ = ["BatchPlan", "Duration", "PlanError", "as_int", "cell_bounds", "parse_duration", "split_evenly"]
 
 class PlanError(InputError):
     """A batch plan that cannot exist; the message names every factor involved."""
+
+
+class IntegerTypeError(PlanError, TypeError):
+    """A count given as a bool, float or string where an integer is needed."""
 
 
 def as_int(name: str, value: object, minimum: int = 1, error: type[InputError] = PlanError) -> int:
     """The one integer check: ints and numpy ints pass, bools, floats (even 4.0) and strings do not."""
     wanted = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
     if isinstance(value, bool):
-        raise error(f"{name} must be {wanted}, got {value!r}")
+        raise IntegerTypeError(f"{name} must be {wanted}, got {value!r}")
     try:
         value = operator.index(value)  # type: ignore[arg-type]
     except TypeError:
-        raise error(f"{name} must be {wanted}, got {value!r}") from None
+        raise IntegerTypeError(f"{name} must be {wanted}, got {value!r}") from None
     if value < minimum:
         raise error(f"{name} must be {wanted}, got {value}")
     return value
+
 
 
 def parse_duration(text: Duration | str | int) -> Duration:
@@ -38,10 +43,17 @@ def parse_duration(text: Duration | str | int) -> Duration:
     return Duration.parse(text)
 
 
+def cell_bounds(count: int, parts: int, cell: int) -> tuple[int, int]:
+    """[start, stop) of cell `cell` when `count` slots are cut into `parts` contiguous cells differing by ≤ 1
+    (the first `count mod parts` cells hold one more)."""
+    base, extra = divmod(count, parts)
+    start = cell * base + min(cell, extra)
+    return start, start + base + (1 if cell < extra else 0)
+
+
 def split_evenly(count: int, parts: int) -> list[int]:
     """Split `count` items into `parts` cells whose sizes differ by at most one, larger cells first."""
-    base, extra = divmod(count, parts)
-    return [base + (1 if i < extra else 0) for i in range(parts)]
+    return [stop - start for start, stop in (cell_bounds(count, parts, c) for c in range(parts))]
 
 
 @dataclass(frozen=True)
@@ -164,6 +176,19 @@ class BatchPlan:
         cells = split_evenly(global_count, self.world_size * self.grad_accum_steps)
         w = self.world_size
         return [cells[m * w:(m + 1) * w] for m in range(self.grad_accum_steps)]
+
+    def cell_range(self, iteration_in_epoch: int, micro_step: int, rank: int) -> tuple[int, int]:
+        """Epoch positions [start, stop) that (micro_step, rank) gets in global batch `iteration_in_epoch`.
+
+        The one layout rule: the batch's n slots are cut into W·k cells, cell c = micro_step · W + rank, in
+        order (see `split_counts`); every rank computes its own cells with no communication.
+        """
+        if not (0 <= micro_step < self.grad_accum_steps and 0 <= rank < self.world_size):
+            raise PlanError(f"(micro_step {micro_step}, rank {rank}) is outside grad_accum_steps "
+                            f"{self.grad_accum_steps} × world_size {self.world_size}")
+        n, base = self.batch_size_of(iteration_in_epoch), iteration_in_epoch * self.global_batch_size
+        start, stop = cell_bounds(n, self.world_size * self.grad_accum_steps, micro_step * self.world_size + rank)
+        return base + start, base + stop
 
     @property
     def last_batch_split(self) -> list[list[int]]:

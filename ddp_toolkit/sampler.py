@@ -18,7 +18,6 @@ the gradient all-reduce never deadlocks.
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -29,30 +28,12 @@ from torch.utils.data import Sampler
 from torch.utils.data._utils.collate import default_collate
 
 from ddp_toolkit.permutation import Permutation
+from ddp_toolkit.plan import BatchPlan, PlanError, as_int, cell_bounds
 
 __all__ = ["EvalSampler", "GlobalBatchSampler", "collate_allow_empty", "reduce_metric_sums"]
 
 # Indices permuted per vectorised call once iteration is under way (bounds memory, amortises numpy overhead).
 _MAX_CHUNK_INDICES = 1 << 16
-
-
-def _as_int(name: str, value: Any, minimum: int) -> int:
-    """Coerce an integer argument (numpy ints allowed, bools and floats not) and check its lower bound."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {value!r}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be ≥ {minimum}, got {value}")
-    return value
-
-
-def _split(n: int, num_cells: int, cell: int) -> tuple[int, int]:
-    """(start, size) of one cell when n slots are cut into num_cells contiguous cells differing by ≤ 1."""
-    q, r = divmod(n, num_cells)
-    return cell * q + min(cell, r), q + (1 if cell < r else 0)
 
 
 class GlobalBatchSampler(Sampler[list[int]]):
@@ -75,55 +56,51 @@ class GlobalBatchSampler(Sampler[list[int]]):
         shuffle: bool = True,
         drop_last: bool = False,
     ) -> None:
-        self.dataset_size = _as_int("dataset_size", dataset_size, 1)
-        self.global_batch_size = _as_int("global_batch_size", global_batch_size, 1)
-        self.micro_batch_size = _as_int("micro_batch_size", micro_batch_size, 1)
-        self.world_size = _as_int("world_size", world_size, 1)
-        self.rank = _as_int("rank", rank, 0)
-        self.seed = _as_int("seed", seed, 0)
+        plan = BatchPlan.solve(as_int("dataset_size", dataset_size), global_batch_size=global_batch_size,
+                               micro_batch_size=micro_batch_size, world_size=world_size, drop_last=bool(drop_last))
+        self._init(plan, rank, seed, shuffle)
+
+    def _init(self, plan: BatchPlan, rank: int, seed: int, shuffle: bool) -> None:
+        self.plan = plan
+        self.rank = as_int("rank", rank, 0)
+        if self.rank >= plan.world_size:
+            raise PlanError(f"rank {self.rank} is out of range for world_size {plan.world_size}")
+        self.seed = as_int("seed", seed, 0)
         self.shuffle = bool(shuffle)
-        self.drop_last = bool(drop_last)
-        per_step = self.micro_batch_size * self.world_size
-        if self.global_batch_size % per_step:
-            raise ValueError(
-                f"global_batch_size {self.global_batch_size} is not divisible by micro_batch_size "
-                f"{self.micro_batch_size} × world_size {self.world_size} (= {per_step})"
-            )
-        if self.rank >= self.world_size:
-            raise ValueError(f"rank {self.rank} is out of range for world_size {self.world_size}")
-        self.grad_accum_steps = self.global_batch_size // per_step
         self.epoch = 0
         self._samples_consumed = 0
         self._generation = 0  # bumped on every __iter__ / repositioning, so stale iterators stop counting
 
     @classmethod
     def from_plan(cls, plan: Any, rank: int, seed: int = 0, shuffle: bool = True) -> GlobalBatchSampler:
-        """Build from any object with the BatchPlan attribute names; checks its grad_accum_steps agrees."""
-        sampler = cls(
-            dataset_size=plan.dataset_size,
-            global_batch_size=plan.global_batch_size,
-            micro_batch_size=plan.micro_batch_size,
-            world_size=plan.world_size,
-            rank=rank,
-            seed=seed,
-            shuffle=shuffle,
-            drop_last=plan.drop_last,
-        )
-        if plan.grad_accum_steps != sampler.grad_accum_steps:
-            raise ValueError(
-                f"plan grad_accum_steps {plan.grad_accum_steps} disagrees with global_batch_size "
-                f"{sampler.global_batch_size} / (micro_batch_size {sampler.micro_batch_size} × "
-                f"world_size {sampler.world_size}) = {sampler.grad_accum_steps}"
-            )
+        """Build from a BatchPlan (or any object with its attribute names, checked to agree)."""
+        if not isinstance(plan, BatchPlan):
+            real = BatchPlan.solve(plan.dataset_size, global_batch_size=plan.global_batch_size,
+                                   micro_batch_size=plan.micro_batch_size, world_size=plan.world_size,
+                                   drop_last=plan.drop_last)
+            if plan.grad_accum_steps != real.grad_accum_steps:
+                raise PlanError(
+                    f"plan grad_accum_steps {plan.grad_accum_steps} disagrees with global_batch_size "
+                    f"{real.global_batch_size} / (micro_batch_size {real.micro_batch_size} × "
+                    f"world_size {real.world_size}) = {real.grad_accum_steps}")
+            plan = real
+        sampler = cls.__new__(cls)
+        sampler._init(plan, rank, seed, shuffle)
         return sampler
+
+    # the plan's numbers under the names the sampler has always had
+    dataset_size = property(lambda self: self.plan.dataset_size)
+    global_batch_size = property(lambda self: self.plan.global_batch_size)
+    micro_batch_size = property(lambda self: self.plan.micro_batch_size)
+    world_size = property(lambda self: self.plan.world_size)
+    grad_accum_steps = property(lambda self: self.plan.grad_accum_steps)
+    drop_last = property(lambda self: self.plan.drop_last)
 
     # ----------------------------------------------------------------------------------------- counting
     @property
     def iterations_per_epoch(self) -> int:
-        """Global batches per epoch: ⌈N/B⌉, or ⌊N/B⌋ with drop_last (the short last batch is dropped)."""
-        if self.drop_last:
-            return self.dataset_size // self.global_batch_size
-        return -(-self.dataset_size // self.global_batch_size)
+        """Global batches per epoch (the plan's): ⌈N/B⌉, or ⌊N/B⌋ with drop_last."""
+        return self.plan.iterations_per_epoch
 
     @property
     def samples_consumed(self) -> int:
@@ -140,23 +117,18 @@ class GlobalBatchSampler(Sampler[list[int]]):
         return max(0, self.iterations_per_epoch - self.iterations_consumed) * self.grad_accum_steps
 
     def _check_iteration(self, iteration: int) -> int:
-        iteration = _as_int("iteration", iteration, 0)
+        iteration = as_int("iteration", iteration, 0)
         if iteration >= self.iterations_per_epoch:
             raise IndexError(f"iteration {iteration} out of range: epoch has {self.iterations_per_epoch}")
         return iteration
 
     def global_count(self, iteration: int) -> int:
         """Samples in global batch `iteration` (B, fewer in a short last batch): the divisor of the loss."""
-        iteration = self._check_iteration(iteration)
-        return min(self.global_batch_size, self.dataset_size - iteration * self.global_batch_size)
+        return self.plan.batch_size_of(self._check_iteration(iteration))
 
     def micro_batch_sizes(self, iteration: int) -> list[list[int]]:
         """Sample counts as [micro_step][rank] for global batch `iteration`; known on every rank, no comms."""
-        n, cells = self.global_count(iteration), self.grad_accum_steps * self.world_size
-        return [
-            [_split(n, cells, m * self.world_size + r)[1] for r in range(self.world_size)]
-            for m in range(self.grad_accum_steps)
-        ]
+        return self.plan.split_counts(self.global_count(iteration))
 
     def rank_count(self, iteration: int) -> int:
         """Samples this rank processes in global batch `iteration` (sum over its k micro-batches)."""
@@ -170,12 +142,12 @@ class GlobalBatchSampler(Sampler[list[int]]):
     # ------------------------------------------------------------------------------------- positioning
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch (its order is keyed by (seed, epoch)) and rewind to its first iteration."""
-        self.epoch = _as_int("epoch", epoch, 0)
+        self.epoch = as_int("epoch", epoch, 0)
         self._reposition(0)
 
     def advance(self, iterations: int) -> None:
         """Skip `iterations` whole iterations of the current epoch without yielding them (fast-forward)."""
-        target = self.iterations_consumed + _as_int("iterations", iterations, 0)
+        target = self.iterations_consumed + as_int("iterations", iterations, 0)
         if target > self.iterations_per_epoch:
             raise ValueError(
                 f"cannot advance to iteration {target}: epoch {self.epoch} has {self.iterations_per_epoch}"
@@ -192,7 +164,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
         prefetches batches ahead of training (num_workers > 0)."""
         consumed = self._samples_consumed
         if iterations_done is not None:
-            done = _as_int("iterations_done", iterations_done, 0)
+            done = as_int("iterations_done", iterations_done, 0)
             if done > self.iterations_per_epoch:
                 raise ValueError(
                     f"iterations_done {done} exceeds iterations_per_epoch {self.iterations_per_epoch}"
@@ -214,15 +186,15 @@ class GlobalBatchSampler(Sampler[list[int]]):
                     f"cannot resume: checkpoint {key} {int(state[key])} differs from this sampler's {mine}; "
                     "the global order depends on it"
                 )
-        consumed = _as_int("samples_consumed", state["samples_consumed"], 0)
+        consumed = as_int("samples_consumed", state["samples_consumed"], 0)
         boundary = consumed % self.global_batch_size == 0 or consumed == self.dataset_size
         if consumed > self.dataset_size or not boundary:
             raise ValueError(
                 f"samples_consumed {consumed} is not an iteration boundary for dataset_size "
                 f"{self.dataset_size} and global_batch_size {self.global_batch_size}"
             )
-        self.seed = _as_int("seed", state["seed"], 0)
-        self.epoch = _as_int("epoch", state["epoch"], 0)
+        self.seed = as_int("seed", state["seed"], 0)
+        self.epoch = as_int("epoch", state["epoch"], 0)
         self._reposition(consumed)
 
     # --------------------------------------------------------------------------------------- iteration
@@ -257,15 +229,14 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
     def _rank_positions(self, first: int, stop: int) -> tuple[np.ndarray, list[list[int]]]:
         """Epoch positions of this rank's cells in iterations [first, stop) and their sizes per
-        [iteration][micro_step]."""
-        cells, pieces, sizes = self.grad_accum_steps * self.world_size, [], []
+        [iteration][micro_step] (the plan's `cell_range`)."""
+        pieces, sizes = [], []
         for iteration in range(first, stop):
-            base, n = iteration * self.global_batch_size, self.global_count(iteration)
             row = []
             for micro_step in range(self.grad_accum_steps):
-                start, size = _split(n, cells, micro_step * self.world_size + self.rank)
-                pieces.append(np.arange(base + start, base + start + size, dtype=np.int64))
-                row.append(size)
+                start, end = self.plan.cell_range(iteration, micro_step, self.rank)
+                pieces.append(np.arange(start, end, dtype=np.int64))
+                row.append(end - start)
             sizes.append(row)
         return np.concatenate(pieces), sizes
 
@@ -294,13 +265,14 @@ class EvalSampler(Sampler[list[int]]):
     """
 
     def __init__(self, dataset_size: int, world_size: int, rank: int, batch_size: int) -> None:
-        self.dataset_size = _as_int("dataset_size", dataset_size, 0)
-        self.world_size = _as_int("world_size", world_size, 1)
-        self.rank = _as_int("rank", rank, 0)
-        self.batch_size = _as_int("batch_size", batch_size, 1)
+        self.dataset_size = as_int("dataset_size", dataset_size, 0)
+        self.world_size = as_int("world_size", world_size, 1)
+        self.rank = as_int("rank", rank, 0)
+        self.batch_size = as_int("batch_size", batch_size, 1)
         if self.rank >= self.world_size:
             raise ValueError(f"rank {self.rank} is out of range for world_size {self.world_size}")
-        self.start, self.num_samples = _split(self.dataset_size, self.world_size, self.rank)
+        self.start, stop = cell_bounds(self.dataset_size, self.world_size, self.rank)
+        self.num_samples = stop - self.start
 
     def __len__(self) -> int:
         """Batches of this rank (the last one may be short)."""

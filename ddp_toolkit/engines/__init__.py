@@ -1,12 +1,20 @@
-"""Gradient-sync engines: torch DDP (default), Accelerate, DeepSpeed — one small interface."""
+"""Gradient-sync engines: torch DDP (default), Accelerate, DeepSpeed — one small interface.
+
+Each list of names is declared once: `ENGINE_NAMES` derives from `EngineName`, which the config uses.
+"""
 
 from __future__ import annotations
+
+from typing import Literal, get_args
 
 from ddp_toolkit.dist import DistEnv
 from ddp_toolkit.engines.base import CommStats, Engine
 from ddp_toolkit.plan import BatchPlan
 
-__all__ = ["CommStats", "Engine", "build_engine", "resolve_engine"]
+__all__ = ["CommStats", "ENGINE_NAMES", "Engine", "EngineName", "build_engine", "resolve_engine"]
+
+EngineName = Literal["auto", "ddp", "accelerate", "deepspeed"]
+ENGINE_NAMES: tuple[str, ...] = get_args(EngineName)
 
 
 def resolve_engine(requested: str, env: DistEnv, deepspeed_config: str | None = None) -> str:
@@ -20,20 +28,21 @@ def resolve_engine(requested: str, env: DistEnv, deepspeed_config: str | None = 
     return "ddp"
 
 
-def build_engine(cfg, env: DistEnv, plan: BatchPlan, *, sync_every_micro_step: bool = False) -> Engine:
-    """The engine named by `train.engine` (resolved for `auto`)."""
-    name = resolve_engine(cfg.train.engine, env, cfg.train.deepspeed_config)
+def engine_class(name: str) -> type[Engine]:
+    """The class of a resolved engine name (imported on demand: the optional extras stay optional)."""
     if name == "ddp":
         from ddp_toolkit.engines.ddp import DDPEngine
 
-        return DDPEngine(env, plan, sync_every_micro_step=sync_every_micro_step)
+        return DDPEngine
     if name == "accelerate":
         from ddp_toolkit.engines.accelerate import AccelerateEngine
 
-        return AccelerateEngine(env, plan, cfg, sync_every_micro_step=sync_every_micro_step)
+        return AccelerateEngine
     from ddp_toolkit.engines.deepspeed import DeepSpeedEngine
 
-    if sync_every_micro_step:
-        raise ValueError("sync_every_micro_step applies to the ddp and accelerate engines; DeepSpeed's ZeRO stage "
-                         "decides when it reduces")
-    return DeepSpeedEngine(env, plan, cfg)
+    return DeepSpeedEngine
+
+
+def build_engine(cfg, env: DistEnv, plan: BatchPlan) -> Engine:
+    """The engine named by `train.engine` (resolved for `auto`)."""
+    return engine_class(resolve_engine(cfg.train.engine, env, cfg.train.deepspeed_config))(env, plan, cfg)

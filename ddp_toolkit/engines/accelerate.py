@@ -40,9 +40,8 @@ class AccelerateEngine(Engine):
 
     name = "accelerate"
 
-    def __init__(self, env, plan, cfg, *, sync_every_micro_step: bool = False) -> None:
-        super().__init__(env, plan)
-        self.sync_every_micro_step = sync_every_micro_step
+    def __init__(self, env, plan, cfg) -> None:
+        super().__init__(env, plan, cfg)
         for flag, what in (("ACCELERATE_USE_DEEPSPEED", "--use_deepspeed"), ("ACCELERATE_USE_FSDP", "--use_fsdp")):
             if os.environ.get(flag, "false").lower() == "true":
                 raise ConfigError(f"accelerate launch {what} is not supported by the accelerate engine; use plain "
@@ -67,8 +66,23 @@ class AccelerateEngine(Engine):
             model.register_comm_hook(self.hook_state, counting_allreduce_hook)
         self.model, self.optimizer = model, optimizer
 
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Accelerate's prepared model runs its forward under its own autocast (mixed_precision)."""
+        return contextlib.nullcontext()
+
+    @property
+    def supports_norm_measurement(self) -> bool:
+        return isinstance(self.model, DistributedDataParallel)
+
+    def measure_norms(self, enabled: bool) -> None:
+        self.hook_state.measure_norms = enabled
+        self.hook_state.reset_norms()
+
+    def measured_norms(self) -> tuple[float, float] | None:
+        return self.hook_state.norms() if self.hook_state.measure_norms else None
+
     def sync_context(self, sync: bool) -> contextlib.AbstractContextManager:
-        if sync or self.sync_every_micro_step:
+        if sync:
             return contextlib.nullcontext()
         return self.accelerator.no_sync(self.model)
 

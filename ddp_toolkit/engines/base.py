@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -34,8 +33,9 @@ class Engine(ABC):
 
     name = "base"
 
-    def __init__(self, env: DistEnv, plan: BatchPlan) -> None:
+    def __init__(self, env: DistEnv, plan: BatchPlan, cfg=None) -> None:
         self.env, self.plan = env, plan
+        self.precision = cfg.train.precision if cfg is not None else "fp32"
         self.comm = CommStats()
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -56,6 +56,23 @@ class Engine(ABC):
         DDP averages gradients over W ranks, so the default undoes that with ×W.
         """
         return float(self.env.world_size)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The forward pass's precision context; the engine is its one owner (bf16 autocast or nothing)."""
+        if self.precision == "bf16":
+            return torch.autocast(self.env.device.type, torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # ---- gradient norms for the noise scale: the local (before sync) and global (after) squared norms
+    supports_norm_measurement = False
+    """True when the engine can measure both norms during its own gradient sync at no extra communication."""
+
+    def measure_norms(self, enabled: bool) -> None:  # noqa: B027 - engines without the measurement ignore it
+        """Measure (or not) the squared gradient norms during the next synced backward."""
+
+    def measured_norms(self) -> tuple[float, float] | None:
+        """(|local gradient|², |synced gradient|²) of the last synced backward, or None when not measured."""
+        return None
 
     def sync_context(self, sync: bool) -> contextlib.AbstractContextManager:
         """Context for one micro-step's forward and backward; gradient sync only when `sync`."""
@@ -108,12 +125,3 @@ class Engine(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook, most engines hold nothing to release
         """Release engine resources (hooks, wrappers)."""
 
-
-@contextlib.contextmanager
-def maybe(ctx_factory, enabled: bool) -> Iterator[None]:
-    """Enter `ctx_factory()` only when enabled."""
-    if enabled:
-        with ctx_factory():
-            yield
-    else:
-        yield

@@ -14,17 +14,24 @@ from ddp_toolkit.engines.base import CommStats, Engine
 
 
 class HookState:
-    """State of the counting hook: traffic counters and, for the noise scale, squared gradient norms."""
+    """State of the counting hook: traffic counters and, for the noise scale, squared gradient norms.
+
+    The norms stay on the device as tensors (no host synchronisation inside the hook, which runs inline for
+    NCCL futures); `norms()` reads them once, after the iteration's own synchronisation.
+    """
 
     def __init__(self, comm: CommStats, process_group=None) -> None:
         self.comm = comm
         self.process_group = process_group
         self.measure_norms = False
-        self.local_sq = 0.0
-        self.global_sq = 0.0
+        self.local_sq: torch.Tensor | float = 0.0
+        self.global_sq: torch.Tensor | float = 0.0
 
     def reset_norms(self) -> None:
         self.local_sq, self.global_sq = 0.0, 0.0
+
+    def norms(self) -> tuple[float, float]:
+        return float(self.local_sq), float(self.global_sq)
 
 
 def counting_allreduce_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -40,11 +47,11 @@ def counting_allreduce_hook(state: HookState, bucket: dist.GradBucket) -> torch.
         state.comm.rounds += 1
     if not state.measure_norms:
         return default_hooks.allreduce_hook(state.process_group, bucket)
-    state.local_sq += float(buffer.double().pow(2).sum())
+    state.local_sq = state.local_sq + torch.linalg.vector_norm(buffer, dtype=torch.float64) ** 2
 
     def record(fut: torch.futures.Future) -> torch.Tensor:
         tensor = fut.value()
-        state.global_sq += float(tensor.double().pow(2).sum())
+        state.global_sq = state.global_sq + torch.linalg.vector_norm(tensor, dtype=torch.float64) ** 2
         return tensor
 
     return default_hooks.allreduce_hook(state.process_group, bucket).then(record)
@@ -54,12 +61,15 @@ class DDPEngine(Engine):
     """The default engine: torch DDP when W > 1, the bare model when W = 1."""
 
     name = "ddp"
+    find_unused_parameters = False
 
-    def __init__(self, env, plan, *, sync_every_micro_step: bool = False, find_unused_parameters: bool = False):
-        super().__init__(env, plan)
-        self.sync_every_micro_step = sync_every_micro_step
-        self.find_unused_parameters = find_unused_parameters
+    def __init__(self, env, plan, cfg=None) -> None:
+        super().__init__(env, plan, cfg)
         self.hook_state = HookState(self.comm)
+
+    @property
+    def supports_norm_measurement(self) -> bool:
+        return self.env.is_distributed
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         model = model.to(self.env.device)
@@ -70,7 +80,14 @@ class DDPEngine(Engine):
             model.register_comm_hook(self.hook_state, counting_allreduce_hook)
         self.model, self.optimizer = model, optimizer
 
+    def measure_norms(self, enabled: bool) -> None:
+        self.hook_state.measure_norms = enabled
+        self.hook_state.reset_norms()
+
+    def measured_norms(self) -> tuple[float, float] | None:
+        return self.hook_state.norms() if self.hook_state.measure_norms else None
+
     def sync_context(self, sync: bool) -> contextlib.AbstractContextManager:
-        if self.env.is_distributed and not sync and not self.sync_every_micro_step:
+        if self.env.is_distributed and not sync:
             return self.model.no_sync()
         return contextlib.nullcontext()

@@ -170,7 +170,7 @@ class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
     def __init__(self, env, plan, cfg) -> None:
-        super().__init__(env, plan)
+        super().__init__(env, plan, cfg)
         user, source = load_user_config(cfg.train.deepspeed_config)
         self.ds_config = deepspeed_config(plan, cfg, user, source)
         self.zero_stage = self.ds_config["zero_optimization"]["stage"]

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,14 +14,20 @@ import torch.multiprocessing as mp
 import yaml
 from safetensors.torch import load_file
 
+from ddp_toolkit.engines.ddp import DDPEngine
+from ddp_toolkit.launcher import free_port as free_port
+
 REPO = Path(__file__).resolve().parents[2]
 TRAIN_SCRIPT = REPO / "launch" / "train.py"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+
+
+class SyncEveryMicroStep(DDPEngine):
+    """The no-accumulation baseline (tests and benchmarks only): gradients all-reduced after every micro-step."""
+
+    def sync_context(self, sync: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
 
 
 def small_config(run_dir: Path, **sections) -> dict:

@@ -12,6 +12,7 @@ from ddp_toolkit.data import build_data
 from ddp_toolkit.models import build_model
 from ddp_toolkit.sampler import GlobalBatchSampler
 from tests.distributed.harness import (
+    SyncEveryMicroStep,
     checkpoint_weights,
     final_weights,
     max_rel_error,
@@ -67,7 +68,7 @@ def test_one_allreduce_round_per_iteration(tmp_path):
     k1 = metrics(spawn_train(small_config(tmp_path / "k1", batch={"micro_batch_size": 8}, **common), 2))
     k4 = metrics(spawn_train(small_config(tmp_path / "k4", batch={"micro_batch_size": 2}, **common), 2))
     k4_nosync_off = metrics(spawn_train(small_config(tmp_path / "k4s", batch={"micro_batch_size": 2}, **common),
-                                        2, sync_every_micro_step=True))
+                                        2, engine=SyncEveryMicroStep))
     buckets = k1[0]["allreduces_per_iteration"]
     assert buckets >= 1 and all(r["grad_accum_steps"] == 4 for r in k4)
     for row in k4:

@@ -1,0 +1,127 @@
+"""From a validated config to the parts of a run: the batch plan, the lr schedule, the optimizer, the run's
+fingerprint, the preflight check, and `train_from_config` (built-in data and models).
+
+Everything here is a function of (config, dataset size, world size), so the CLI can check a run before any
+worker starts and the trainer builds exactly what was checked.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ddp_toolkit.config import Config, ConfigError
+from ddp_toolkit.lr import Schedule, adam_sqrt_hparams, scaled_lr
+from ddp_toolkit.plan import BatchPlan
+
+__all__ = ["fingerprint", "lr_info", "make_optimizer", "plan_for", "preflight", "schedule_for",
+           "train_from_config"]
+
+
+def plan_for(cfg: Config, dataset_size: int, world_size: int) -> BatchPlan:
+    """The batch plan of a config at a world size: k given, or derived from batch.global_batch_size."""
+    b = cfg.batch
+    k = b.grad_accum_steps if b.grad_accum_steps or b.global_batch_size else 1
+    return BatchPlan.solve(dataset_size, global_batch_size=b.global_batch_size, micro_batch_size=b.micro_batch_size,
+                           world_size=world_size, grad_accum_steps=k, drop_last=b.drop_last)
+
+
+def lr_info(cfg: Config, plan: BatchPlan) -> dict:
+    """Base and scaled learning rate, the rule and the reference batch."""
+    o = cfg.optim
+    ref = o.base_batch_size or plan.global_batch_size
+    return {"base_lr": o.lr, "base_batch_size": ref, "lr_rule": o.lr_scaling,
+            "scaled_lr": scaled_lr(o.lr, plan.global_batch_size, ref, o.lr_scaling)}
+
+
+def schedule_for(cfg: Config, plan: BatchPlan, total: int) -> Schedule:
+    """The lr schedule of the run, durations converted through the plan; ConfigError when impossible."""
+    o = cfg.optim
+    peak = lr_info(cfg, plan)["scaled_lr"]
+    warmup = plan.iterations_in(o.warmup or 0)
+    if warmup > total:
+        raise ConfigError(f"optim.warmup {o.warmup!r} is {warmup} iterations, longer than the run of {total} "
+                          f"iterations; use a warmup of at most {total} iterations")
+    try:
+        return Schedule(peak_lr=peak, total_iterations=total, warmup_iterations=warmup,
+                        warmup_start_factor=o.warmup_start_factor, decay=o.schedule,
+                        step_milestones=tuple(plan.iterations_in(m) for m in o.step_milestones),
+                        step_gamma=o.step_gamma, min_lr=min(o.min_lr, peak))
+    except ValueError as err:
+        raise ConfigError(f"optim: {err}") from None
+
+
+def make_optimizer(cfg: Config, plan: BatchPlan, params) -> Any:
+    """The configured optimizer at the scaled lr; adam_sqrt also rescales betas and eps (Malladi et al.)."""
+    from ddp_toolkit.optim import build_optimizer
+
+    o, info = cfg.optim, lr_info(cfg, plan)
+    betas, eps = tuple(o.betas), o.eps
+    if o.lr_scaling == "adam_sqrt":
+        betas, eps = adam_sqrt_hparams(betas, eps, plan.global_batch_size / info["base_batch_size"])
+    return build_optimizer(params, o.name, info["scaled_lr"], momentum=o.momentum, weight_decay=o.weight_decay,
+                           betas=betas, eps=eps)
+
+
+def fingerprint(cfg: Config, plan: BatchPlan, schedule: Schedule) -> dict[str, Any]:
+    """Everything that changes the trajectory, as flat `key: value` pairs (what a resume must match).
+
+    World size and micro-batch size are left out on purpose: the global order and the exact global-mean
+    gradient depend on B, not on how it is split, so a run may resume at another W (elastic resume).
+    """
+    out: dict[str, Any] = {"global_batch_size": plan.global_batch_size, "dataset_size": plan.dataset_size,
+                           "drop_last": plan.drop_last, "train.seed": cfg.train.seed,
+                           "train.precision": cfg.train.precision, "train.sync_batchnorm": cfg.train.sync_batchnorm}
+    for section in ("data", "model", "optim"):
+        for key, value in getattr(cfg, section).model_dump(mode="json").items():
+            out[f"{section}.{key}"] = value
+    if schedule.decay != "constant":  # a decaying schedule depends on the run's length
+        out["total_iterations"] = schedule.total_iterations
+    return out
+
+
+def preflight(cfg: Config, world_size: int) -> BatchPlan:
+    """Check what can be checked before any worker starts: data, factories, plan, schedule."""
+    from ddp_toolkit.data import build_data, load_factory
+
+    try:
+        train_set, _ = build_data(cfg.data)
+        if cfg.model.name == "custom":
+            load_factory(cfg.model.factory, "model.factory")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    plan = plan_for(cfg, len(train_set), world_size)
+    schedule_for(cfg, plan, plan.iterations_in(cfg.train.stop))
+    return plan
+
+
+def train_from_config(cfg: Config, env=None, **trainer_kwargs) -> dict:
+    """Build the configured data and model (seeded by train.seed) and train; returns the summary."""
+    import torch
+
+    from ddp_toolkit.data import build_data
+    from ddp_toolkit.models import build_model
+    from ddp_toolkit.trainer import Trainer
+
+    try:
+        train_set, eval_set = build_data(cfg.data)
+    except ValueError as err:  # a bad module:function
+        raise ConfigError(str(err)) from None
+    x0, _ = train_set[0]
+    num_classes = int(getattr(train_set, "y", torch.tensor([cfg.data.classes - 1])).max()) + 1
+    num_classes = max(num_classes, cfg.data.classes if cfg.data.name == "synthetic" else num_classes)
+    torch.manual_seed(cfg.train.seed)
+    try:
+        model = build_model(cfg.model, int(x0.numel()), num_classes)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if cfg.model.dtype == "float64":
+        train_set = _cast(train_set, torch.float64)
+        eval_set = _cast(eval_set, torch.float64) if eval_set is not None else None
+    return Trainer(model, train_set, cfg, eval_set=eval_set, env=env, **trainer_kwargs).fit()
+
+
+def _cast(data, dtype):
+    """Float features in the model's dtype (built-in TensorData only)."""
+    from ddp_toolkit.data import TensorData
+
+    return TensorData(data.x.to(dtype), data.y) if isinstance(data, TensorData) else data

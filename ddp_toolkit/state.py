@@ -1,0 +1,122 @@
+"""The checkpoint manager: it is handed the stateful parts of a run and decides when to save them.
+
+Every part has `state_dict()` / `load_state_dict(state)`; adding a part means adding it to the `states`
+mapping, never editing a save function and a load function in step (torchtitan's CheckpointManager shape).
+The model and optimizer go through the engine (`EngineState`: a sharded engine gathers), the RNG through
+`RNGState` (every rank keeps its own). Files, atomicity and verification are `checkpoint.py`'s job.
+
+A checkpoint records the run's fingerprint (everything that changes the trajectory); resuming one whose
+fingerprint differs is refused with one line naming each change (old → new) unless
+`train.allow_config_change` is set. World size and micro-batch size may change (elastic resume).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from ddp_toolkit import checkpoint as ckpt
+
+__all__ = ["CheckpointManager", "EngineState", "RNGState", "Stateful"]
+
+MODEL_KEY, RNG_KEY, FINGERPRINT_KEY = "model", "rng", "fingerprint"
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class EngineState:
+    """Model weights and optimizer state through the engine (called on every rank; rank 0 writes them)."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def model_state(self) -> dict:
+        return self.engine.model_state()
+
+    def load_model_state(self, weights: dict, where: Path) -> None:
+        try:
+            self.engine.load_model_state(weights)
+        except RuntimeError as err:
+            lines = str(err).splitlines()
+            detail = lines[1].strip() if len(lines) > 1 else lines[0]
+            raise ckpt.CheckpointError(f"checkpoint {where} does not fit this model: {detail}") from None
+
+    def state_dict(self) -> dict:
+        return self.engine.optimizer_state()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.engine.load_optimizer_state(state)
+
+
+class RNGState:
+    """torch, CUDA, numpy and python RNG states of this rank."""
+
+    def state_dict(self) -> dict:
+        return ckpt.rng_state()
+
+    def load_state_dict(self, state: dict) -> None:
+        ckpt.set_rng_state(state)
+
+
+def describe_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """`key old → new` for every key whose value differs (keys missing on one side included)."""
+    return [f"{key} {old.get(key)!r} → {new.get(key)!r}" for key in sorted(set(old) | set(new))
+            if old.get(key) != new.get(key)]
+
+
+class CheckpointManager:
+    """Saves `states` (plus model and RNG) every `every` iterations and at the end; resumes the newest one."""
+
+    def __init__(self, root: Path, *, engine_state: EngineState, states: Mapping[str, Stateful],
+                 fingerprint: Mapping[str, Any], rank: int, barrier: Callable[[], None], every: int = 0,
+                 keep: int = 2, allow_change: bool = False) -> None:
+        self.root, self.engine_state, self.states = Path(root), engine_state, dict(states)
+        self.fingerprint, self.rank, self.barrier = dict(fingerprint), rank, barrier
+        self.every, self.keep, self.allow_change = every, keep, allow_change
+
+    def should_save(self, iteration: int, last: bool) -> bool:
+        """Periodic saves only; the end of the run saves through `save` directly."""
+        return bool(self.every) and iteration % self.every == 0 and not last
+
+    def save(self, iteration: int) -> Path:
+        """Checkpoint now (every rank calls this: a sharded optimizer state is gathered collectively)."""
+        optimizer_state = self.engine_state.state_dict()
+        model_state, state = None, None
+        if self.rank == 0:
+            model_state = self.engine_state.model_state()
+            state = {name: part.state_dict() for name, part in self.states.items()}
+            state["optimizer"] = optimizer_state
+            state[FINGERPRINT_KEY] = self.fingerprint
+        return ckpt.save_checkpoint(self.root, iteration, model_state=model_state, state=state, rank=self.rank,
+                                    barrier=self.barrier, keep=self.keep)
+
+    def find(self, resume: str) -> Path | None:
+        """The checkpoint `train.resume` names: None for `never`, the newest valid one for `auto`, or a path."""
+        if resume == "never":
+            return None
+        return ckpt.find_latest(self.root) if resume == "auto" else Path(resume)
+
+    def load(self, path: Path) -> None:
+        """Restore every part from `path`, after checking that it belongs to this run."""
+        weights, state, rng = ckpt.load_checkpoint(path, self.rank)
+        self.check_fingerprint(state.get(FINGERPRINT_KEY) or state.get("plan") or {}, path)
+        self.engine_state.load_model_state(weights, path)
+        self.engine_state.load_state_dict(state["optimizer"])
+        for name, part in self.states.items():
+            if state.get(name) is not None:
+                part.load_state_dict(state[name])
+        if rng is not None:
+            RNGState().load_state_dict(rng)
+
+    def check_fingerprint(self, old: Mapping[str, Any], path: Path) -> None:
+        """Refuse a checkpoint of another run, naming what changed."""
+        changed = describe_changes(old, self.fingerprint)
+        if changed and not self.allow_change:
+            raise ckpt.CheckpointError(
+                f"checkpoint {path.name} belongs to a different run: {'; '.join(changed)}; start a fresh run "
+                f"(train.resume=never), use another run_dir, or set train.allow_config_change=true")
