@@ -1,4 +1,4 @@
-"""`ddp-toolkit plan | train | launch | slurm | sweep | report`.
+"""`ddp-toolkit plan | config | train | launch | slurm | sweep | report`.
 
 Bad input is one line on stderr and exit code 2; never a traceback.
 """
@@ -11,90 +11,17 @@ import sys
 from collections.abc import Callable
 
 from ddp_toolkit import sweep as _sweep
-from ddp_toolkit.errors import InputError, ToolkitError
-from ddp_toolkit.plan import BatchPlan
+from ddp_toolkit.cli_plan import add_plan, plan_from_args
+from ddp_toolkit.cli_types import Count, OneLine, UsageError
+from ddp_toolkit.cli_types import IntermixedParser as _IntermixedParser
+from ddp_toolkit.cli_types import Parser as _Parser
+from ddp_toolkit.config_doc import add_config_parser
+from ddp_toolkit.errors import ToolkitError
+from ddp_toolkit.text import one_line, shown
+
+__all__ = ["UsageError", "build_parser", "main", "plan_from_args"]
 
 EXIT_USAGE = 2
-
-
-class UsageError(InputError):
-    """Bad input from the command line: printed as one line, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line on stderr (no usage block) and exit 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{self.prog}: {message}")
-
-
-# ---- plan -----------------------------------------------------------------------------------------------
-def _add_plan(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("plan", help="print the batch plan: global batch, iterations per epoch, lr scaling")
-    p.add_argument("--dataset-size", type=int, required=True, help="N: training samples per epoch")
-    p.add_argument("--micro-batch-size", type=int, help="b: samples per device per forward")
-    p.add_argument("--world-size", type=int, help="W: data-parallel processes (default 1)")
-    p.add_argument("--grad-accum-steps", type=int, help="k: micro_steps per iteration")
-    p.add_argument("--global-batch-size", type=int, help="B = b·W·k")
-    stop = p.add_mutually_exclusive_group()
-    stop.add_argument("--epochs", type=float, help="length of the run in epochs (default 1)")
-    stop.add_argument("--iterations", type=int, help="length of the run in iterations")
-    p.add_argument("--drop-last", action="store_true", help="drop the short last global batch of each epoch")
-    p.add_argument("--base-lr", type=float, help="learning rate at --base-batch-size")
-    p.add_argument("--base-batch-size", type=int, help="reference batch of --base-lr (default: B)")
-    p.add_argument("--lr-rule", default="linear", choices=["none", "linear", "sqrt", "adam_sqrt"])
-    fmt = p.add_mutually_exclusive_group()
-    fmt.add_argument("--json", action="store_true", help="print JSON")
-    fmt.add_argument("--explain", action="store_true", help="explain the numbers in plain sentences")
-    p.set_defaults(func=_cmd_plan)
-
-
-def plan_from_args(args: argparse.Namespace) -> BatchPlan:
-    """Solve the plan from the flags; a single missing factor is derived (W defaults to 1)."""
-    factors = {"global_batch_size": args.global_batch_size, "micro_batch_size": args.micro_batch_size,
-               "world_size": args.world_size, "grad_accum_steps": args.grad_accum_steps}
-    missing = [k for k, v in factors.items() if v is None]
-    for name, default in (("world_size", 1), ("grad_accum_steps", 1), ("micro_batch_size", None)):
-        if len(missing) > 1 and name in missing and default is not None:
-            factors[name] = default
-            missing.remove(name)
-    if len(missing) > 1:
-        raise UsageError("plan: give --micro-batch-size or --global-batch-size")
-    return BatchPlan.solve(args.dataset_size, drop_last=args.drop_last, **factors)
-
-
-def plan_report(plan: BatchPlan, args: argparse.Namespace) -> dict:
-    """The plan's numbers plus the run length and, with --base-lr, the scaled learning rate."""
-    out = plan.to_dict()
-    if args.iterations is not None:
-        out["total_iterations"] = args.iterations
-        out["epochs"] = plan.epochs_for(args.iterations)
-    else:
-        epochs = 1.0 if args.epochs is None else args.epochs
-        out["total_iterations"] = plan.iterations_for(epochs)
-        out["epochs"] = epochs
-    out["total_samples"] = plan.samples_for(out["total_iterations"])
-    if args.base_lr is not None:
-        from ddp_toolkit.lr import scaled_lr
-
-        base_batch = args.base_batch_size or plan.global_batch_size
-        out.update(base_lr=args.base_lr, base_batch_size=base_batch, lr_rule=args.lr_rule,
-                   scaled_lr=scaled_lr(args.base_lr, plan.global_batch_size, base_batch, args.lr_rule))
-    return out
-
-
-def _cmd_plan(args: argparse.Namespace) -> int:
-    from ddp_toolkit import reporting
-
-    plan = plan_from_args(args)
-    info = plan_report(plan, args)
-    if args.json:
-        print(json.dumps(info, indent=2))
-    elif args.explain:
-        print(reporting.explain_plan(plan, info))
-    else:
-        reporting.print_plan_table(plan, info)
-    return 0
 
 
 # ---- train / launch -------------------------------------------------------------------------------------
@@ -128,9 +55,9 @@ def check_run_dir(run_dir: str) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise UsageError(f"run_dir {run_dir!r} cannot be created: {err.strerror}") from None
+        raise UsageError(f"run_dir {shown(run_dir)} cannot be created: {err.strerror}") from None
     if not os.access(path, os.W_OK):
-        raise UsageError(f"run_dir {run_dir!r} is not writable")
+        raise UsageError(f"run_dir {shown(run_dir)} is not writable")
 
 
 def _add_launch(sub: argparse._SubParsersAction) -> None:
@@ -138,10 +65,14 @@ def _add_launch(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nproc-per-node", type=int, default=2, help="workers on this node (default 2)")
     p.add_argument("--nnodes", default="1", help="nodes, or MIN:MAX for elastic jobs")
     p.add_argument("--node-rank", type=int, default=None, help="this node's rank (static rendezvous)")
-    p.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of the c10d rendezvous "
-                                                          "(default 127.0.0.1 and a free port)")
+    p.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of the c10d rendezvous of several nodes "
+                   "(default: one node, rendezvous through a private file, every socket on loopback)")
     p.add_argument("--rdzv-id", default=None, help="job id shared by all nodes")
     p.add_argument("--max-restarts", type=int, default=0, help="restart the worker group this many times")
+    p.add_argument("--stop-timeout-s", type=float, default=300, help="after SIGTERM/SIGINT, seconds the workers "
+                   "get to checkpoint before the agent is stopped (default 300)")
+    p.epilog = ("SIGTERM or Ctrl-C: the workers checkpoint after the current iteration and stop; exit code "
+                "128 + the signal (143, 130). A second signal stops the agent at once.")
     _add_config_args(p)
     p.set_defaults(func=_cmd_launch)
 
@@ -156,9 +87,8 @@ def launch_command(args: argparse.Namespace) -> list[str]:
 
 
 def _cmd_launch(args: argparse.Namespace) -> int:
-    import subprocess
-
     from ddp_toolkit.config import load_config
+    from ddp_toolkit.launcher import launch, train_target
     from ddp_toolkit.trainer import preflight
 
     if args.nproc_per_node < 1:
@@ -167,10 +97,10 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     check_run_dir(cfg.run_dir)
     if args.nnodes.isdigit():
         preflight(cfg, args.nproc_per_node * int(args.nnodes))
-    import os
-
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    return subprocess.call(launch_command(args), env=env)
+    return launch(train_target(args.config, args.overrides), run_dir=cfg.run_dir,
+                  nproc_per_node=args.nproc_per_node, nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint,
+                  rdzv_id=args.rdzv_id, max_restarts=args.max_restarts, node_rank=args.node_rank,
+                  stop_timeout_s=args.stop_timeout_s)
 
 
 # ---- report -------------------------------------------------------------------------------------------
@@ -197,43 +127,36 @@ EXIT_SLURM = 1
 """Exit code when a Slurm command fails (sbatch refused the job, unknown job id, no Slurm here)."""
 
 
-class _IntermixedParser(_Parser):
-    """Options and `key=value` overrides in any order: `slurm submit CONFIG --nodes 2 optim.lr=0.1`."""
-
-    _inner = False
-
-    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
-        if self._inner:  # Python < 3.12 calls back in here from parse_known_intermixed_args
-            return super().parse_known_args(args, namespace)
-        self._inner = True
-        try:
-            return self.parse_known_intermixed_args(args, namespace)
-        finally:
-            self._inner = False
+_NAME = OneLine(256, r"[\w.,\-]+", "a name of letters, digits, '_', '.', ',' or '-'")
+_TIME = OneLine(64, r"(?i)(\d+-)?\d+(:\d+){0,2}|unlimited|infinite", "a Slurm time like 90, 24:00:00 or 2-00:00:00")
+_MEM = OneLine(32, r"\d+[KMGT]?", "memory like 480G, 64000M or 0")
+_SBATCH_OPTION = OneLine(1024, r"--?[A-Za-z].*", "an sbatch option like --exclusive or --constraint=a100")
+_JOB_ID = Count(1, 2**32)
 
 
 def _add_slurm(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("slurm", help="submit a training run to SLURM; show a job; cancel or signal it")
     jobs = p.add_subparsers(dest="slurm_command", required=True, parser_class=_IntermixedParser)
     s = jobs.add_parser("submit", help="render the sbatch script, write it to run_dir/job.sbatch and submit it")
-    s.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
-    s.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (default 0: CPU workers)")
-    s.add_argument("--nproc-per-node", type=int, help="workers per node (default: --gpus-per-node, or 1)")
+    s.add_argument("--nodes", type=Count(1, 100_000), default=1, help="nodes (default 1)")
+    s.add_argument("--gpus-per-node", type=Count(0, 1024), default=0, help="GPUs per node (default 0: CPU workers)")
+    s.add_argument("--nproc-per-node", type=Count(1, 1024), help="workers per node (default: --gpus-per-node, or 1)")
     s.add_argument("--mode", choices=["torchrun", "task-per-gpu"], default="torchrun",
                    help="torchrun: one srun task per node starts the workers (default); task-per-gpu: one srun "
                         "task per worker, ranks from SLURM's variables")
-    s.add_argument("--partition", help="#SBATCH --partition")
-    s.add_argument("--time", help="time limit, e.g. 24:00:00")
-    s.add_argument("--account", help="#SBATCH --account")
-    s.add_argument("--cpus-per-task", type=int, help="CPUs per srun task (repeated for srun)")
-    s.add_argument("--mem", help="memory per node, e.g. 480G")
-    s.add_argument("--signal", default="B:USR1@90",
+    s.add_argument("--partition", type=_NAME, help="#SBATCH --partition")
+    s.add_argument("--time", type=_TIME, help="time limit, e.g. 24:00:00")
+    s.add_argument("--account", type=_NAME, help="#SBATCH --account")
+    s.add_argument("--cpus-per-task", type=Count(1, 4096), help="CPUs per srun task (repeated for srun)")
+    s.add_argument("--mem", type=_MEM, help="memory per node, e.g. 480G")
+    s.add_argument("--signal", type=OneLine(64), default="B:USR1@90",
                    help="warning signal to the batch shell before the time limit: checkpoint, then requeue "
                         "(default B:USR1@90; 'none' for no warning)")
     s.add_argument("--no-requeue", action="store_true", help="checkpoint on the warning signal, but do not requeue")
-    s.add_argument("--job-name", help="default: the name of run_dir")
-    s.add_argument("--python", default=sys.executable, help="interpreter on the compute nodes (default: this one)")
-    s.add_argument("--sbatch-option", action="append", default=[], metavar="OPTION",
+    s.add_argument("--job-name", type=OneLine(200), help="default: the name of run_dir")
+    s.add_argument("--python", type=OneLine(4096), default=sys.executable,
+                   help="interpreter on the compute nodes (default: this one)")
+    s.add_argument("--sbatch-option", type=_SBATCH_OPTION, action="append", default=[], metavar="OPTION",
                    help="one more #SBATCH option, e.g. --sbatch-option=--exclusive (repeatable)")
     s.add_argument("--no-preflight", action="store_true",
                    help="do not build the data set here to check the plan (e.g. data only on compute nodes)")
@@ -241,13 +164,13 @@ def _add_slurm(sub: argparse._SubParsersAction) -> None:
     _add_config_args(s)
     s.set_defaults(func=_cmd_slurm_submit)
     st = jobs.add_parser("status", help="a job's state, restarts, exit code and nodes (scontrol show job)")
-    st.add_argument("job_id", type=int)
+    st.add_argument("job_id", type=_JOB_ID)
     st.add_argument("--json", action="store_true", help="every field of `scontrol show job` as JSON")
     st.set_defaults(func=_cmd_slurm_status)
     c = jobs.add_parser("cancel", help="cancel a job, or only send its batch shell a signal")
-    c.add_argument("job_id", type=int)
-    c.add_argument("--signal", help="send this signal to the batch shell instead of cancelling: USR1 = "
-                                    "checkpoint and requeue, TERM = checkpoint and stop")
+    c.add_argument("job_id", type=_JOB_ID)
+    c.add_argument("--signal", type=OneLine(32), help="send this signal to the batch shell instead of cancelling: "
+                                                      "USR1 = checkpoint and requeue, TERM = checkpoint and stop")
     c.set_defaults(func=_cmd_slurm_cancel)
 
 
@@ -346,8 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_plan, _add_train, _add_launch, _add_report,
-                                                                     _add_slurm, _sweep.add_sweep_parser]
+_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_plan, add_config_parser, _add_train,
+                                                                     _add_launch, _add_report, _add_slurm,
+                                                                     _sweep.add_sweep_parser]
 
 
 def _fail(err: Exception, code: int) -> int:
@@ -356,7 +280,7 @@ def _fail(err: Exception, code: int) -> int:
 
     rank = os.environ.get("RANK")
     prefix = f"rank {rank}: " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
-    print(f"error: {prefix}{err}", file=sys.stderr, flush=True)
+    print(f"error: {prefix}{one_line(str(err))}", file=sys.stderr, flush=True)
     return code
 
 

@@ -1,58 +1,98 @@
-"""Typed, validated run configuration: YAML through `yaml.safe_load`, `key.path=value` overrides.
+"""Typed, validated run configuration: YAML through a safe loader, `key.path=value` overrides.
 
-Every problem becomes one `ConfigError` line naming the key, the value and what is allowed.
+Every value is checked when the config is built (numbers strictly: no booleans or text for numbers, no NaN or
+infinity, integers in range), and every problem becomes one `ConfigError` line naming the key, the value
+(shortened) and what is allowed. Each field's docstring is its one-line description: `ddp-toolkit config show`
+and docs/config.md are generated from them.
+
+Keys that say the same thing in different units form a group (`EXCLUSIVE_GROUPS`): the last one given wins,
+the file in document order first, then the command-line overrides in order.
 """
 
 from __future__ import annotations
 
+import copy
+import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from annotated_types import Ge, Gt, Le, Lt
+from pydantic import (
+    AllowInfNan,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    model_validator,
+)
 
-from ddp_toolkit.errors import InputError
 from ddp_toolkit.duration import Duration
+from ddp_toolkit.errors import InputError
+from ddp_toolkit.text import shown
+from ddp_toolkit.yaml_io import YamlError, parse_yaml
 
-__all__ = ["Config", "ConfigError", "load_config", "apply_overrides", "DEFAULT_CONFIG"]
+__all__ = ["Config", "ConfigError", "DEFAULT_CONFIG", "EXCLUSIVE_GROUPS", "apply_overrides", "load_config",
+           "load_raw", "validate"]
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+INT64_MAX = 2**63 - 1
+SEED_MAX = 2**32 - 1
+WIDTH_MAX = 2**20
+
+EXCLUSIVE_GROUPS: dict[str, tuple[str, ...]] = {"train": ("epochs", "iterations", "samples")}
+"""Section → keys of which only one may be set; the last one given wins (the others become null)."""
 
 
 class ConfigError(InputError):
     """A config that cannot be used; the message is one line naming key, value and what is allowed."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-def _duration(value: Any) -> str | int | None:
-    """Accept `500`, `500it`, `5ep`, `20000sp` (validated now, converted through the plan later)."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise ValueError(f"expected a duration like 500it, 5ep or 20000sp, got {value!r}")
+def _duration(value: Any) -> Any:
+    """`500`, `500it`, `5ep`, `20000sp` or a Duration, validated now and converted through the plan later."""
+    if value is None or isinstance(value, Duration):
+        return None if value is None else str(value)
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"expected a duration like 500it, 5ep or 20000sp, got {shown(value)}")
     Duration.parse(value)
     return value
+
+
+Int = Annotated[int, Strict(), Ge(-INT64_MAX - 1), Le(INT64_MAX)]
+PosInt = Annotated[int, Strict(), Gt(0), Le(INT64_MAX)]
+Count = Annotated[int, Strict(), Ge(0), Le(INT64_MAX)]
+Seed = Annotated[int, Strict(), Ge(0), Le(SEED_MAX)]
+Width = Annotated[int, Strict(), Gt(0), Le(WIDTH_MAX)]
+Float = Annotated[float, Strict(), AllowInfNan(False)]
+Fraction = Annotated[float, Strict(), AllowInfNan(False), Ge(0), Lt(1)]
+Bool = Annotated[bool, Strict()]
+Text = Annotated[str, Strict()]
+PathText = Annotated[str, Strict(), Field(min_length=1, max_length=4096, pattern=r"^[^\x00]*$")]
+Factory = Annotated[str, Strict(), Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$", max_length=512)]
+DurationText = Annotated[str | int, BeforeValidator(_duration)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class DataConfig(_Section):
     name: Literal["synthetic", "digits", "custom"] = "synthetic"
     """Built-in data set, or `custom` with `factory`."""
-    size: int = Field(4096, gt=0)
+    size: PosInt = 4096
     """Training samples N (synthetic only; digits has 1437 training samples)."""
-    eval_size: int = Field(1001, ge=0)
-    """Held-out samples for evaluation (synthetic only; digits uses its 360 held-out samples)."""
-    features: int = Field(32, gt=0)
+    eval_size: Count = 1001
+    """Held-out samples for evaluation (synthetic only; digits uses its 360 held-out samples); 0 for none."""
+    features: PosInt = 32
     """Input features of the synthetic set."""
-    classes: int = Field(10, gt=1)
+    classes: Int = Field(10, gt=1)
     """Classes of the synthetic set."""
-    noise: float = Field(0.5, ge=0)
+    noise: Float = Field(0.5, ge=0)
     """Label noise of the synthetic set: std of the Gaussian added to the class logits."""
-    seed: int = 0
+    seed: Seed = 0
     """Seed of the synthetic data (independent of train.seed)."""
-    factory: str | None = None
+    factory: Factory | None = None
     """`module:function` returning (train_set, eval_set) for name=custom."""
 
     @model_validator(mode="after")
@@ -65,13 +105,13 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     name: Literal["mlp", "cnn", "linear", "custom"] = "mlp"
     """Built-in model, or `custom` with `factory`."""
-    hidden: list[int] = Field(default_factory=lambda: [64])
-    """Hidden widths of the MLP."""
+    hidden: list[Width] = Field(default_factory=lambda: [64])
+    """Hidden widths of the MLP (each in 1 … 2^20)."""
     dtype: Literal["float32", "float64"] = "float32"
     """Parameter dtype; float64 for exact equivalence tests."""
-    batchnorm: bool = False
+    batchnorm: Bool = False
     """Add BatchNorm to the built-in models (see train.sync_batchnorm)."""
-    factory: str | None = None
+    factory: Factory | None = None
     """`module:function(in_features, num_classes) -> nn.Module` for name=custom."""
 
     @model_validator(mode="after")
@@ -82,13 +122,13 @@ class ModelConfig(_Section):
 
 
 class BatchConfig(_Section):
-    micro_batch_size: int = Field(32, gt=0)
+    micro_batch_size: PosInt = 32
     """b: samples per device per forward pass."""
-    grad_accum_steps: int | None = Field(None, gt=0)
-    """k: micro_steps per iteration; derived from global_batch_size when left out."""
-    global_batch_size: int | None = Field(None, gt=0)
-    """B = b·W·k; when given, k is derived from the world size at launch."""
-    drop_last: bool = False
+    grad_accum_steps: PosInt | None = None
+    """k: micro_steps per iteration; derived from global_batch_size when left out (1 when both are)."""
+    global_batch_size: PosInt | None = None
+    """B = b·W·k; when given, k is derived from the world size W at launch (given both: checked)."""
+    drop_last: Bool = False
     """Drop the short last global batch of every epoch."""
 
     @model_validator(mode="after")
@@ -102,89 +142,94 @@ class BatchConfig(_Section):
 
 class OptimConfig(_Section):
     name: Literal["sgd", "adam", "adamw", "lars", "lamb"] = "sgd"
-    lr: float = Field(0.1, gt=0)
+    """Optimizer; lars and lamb come from pytorch-optimizer."""
+    lr: Float = Field(0.1, gt=0)
     """Learning rate at the reference batch optim.base_batch_size."""
-    base_batch_size: int | None = Field(None, gt=0)
-    """Reference batch B_ref of optim.lr; defaults to the run's global batch (no scaling)."""
+    base_batch_size: PosInt | None = None
+    """Reference batch B_ref of optim.lr; without it lr_scaling cannot scale (a warning) and lr is used as is."""
     lr_scaling: Literal["none", "linear", "sqrt", "adam_sqrt"] = "none"
     """Large-batch rule: lr·B/B_ref, lr·sqrt(B/B_ref), or Malladi et al.'s Adam rule."""
-    warmup: str | int | None = 0
-    """Gradual warmup length (`500it`, `5ep`, `20000sp`); 0 for none."""
-    warmup_start_factor: float = Field(0.0, ge=0, le=1)
+    warmup: DurationText | None = 0
+    """Gradual warmup length (`500it`, `5ep`, `20000sp`); 0 for none; longer than the run: cut to the run, with
+    a note."""
+    warmup_start_factor: Float = Field(0.0, ge=0, le=1)
     """Warmup starts at this fraction of the scaled lr (Goyal et al. start at base/scaled)."""
     schedule: Literal["constant", "cosine", "step"] = "constant"
-    step_milestones: list[str | int] = Field(default_factory=list)
-    """Durations at which `step` decay multiplies the lr by step_gamma."""
-    step_gamma: float = Field(0.1, gt=0, le=1)
-    min_lr: float = Field(0.0, ge=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
+    """Shape of the lr after warmup."""
+    step_milestones: list[DurationText] = Field(default_factory=list)
+    """Durations at which `step` decay multiplies the lr by step_gamma; those past the end of the run are
+    dropped, with a note."""
+    step_gamma: Float = Field(0.1, gt=0, le=1)
+    """Factor applied to the lr at each step milestone."""
+    min_lr: Float = Field(0.0, ge=0)
+    """End of the cosine decay and floor of the step decay."""
+    momentum: Float = Field(0.9, ge=0, lt=1)
+    """SGD / LARS momentum."""
+    weight_decay: Float = Field(0.0, ge=0)
     """Not scaled with the batch size (Goyal et al. 2017)."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0)
-    grad_clip: float | None = Field(None, gt=0)
+    betas: tuple[Fraction, Fraction] = (0.9, 0.999)
+    """Adam / AdamW / LAMB betas, each in [0, 1)."""
+    eps: Float = Field(1e-8, gt=0)
+    """Adam / AdamW / LAMB epsilon."""
+    grad_clip: Float | None = Field(None, gt=0)
     """Clip the global gradient norm (after the sync) to this value."""
-
-    @field_validator("warmup")
-    @classmethod
-    def _warmup_duration(cls, value: Any) -> str | int | None:
-        return _duration(value)
-
-    @field_validator("step_milestones")
-    @classmethod
-    def _milestones(cls, value: list) -> list:
-        return [_duration(v) for v in value]
 
 
 class TrainConfig(_Section):
-    epochs: float | None = Field(None, gt=0)
-    """Stop after this many epochs (one of epochs / iterations / samples; default 2 epochs)."""
-    iterations: int | None = Field(None, gt=0)
+    epochs: Float | None = Field(None, gt=0)
+    """Stop after this many epochs (one of epochs / iterations / samples, the last one given wins; default 2
+    epochs)."""
+    iterations: PosInt | None = None
     """Stop after this many iterations (optimizer steps)."""
-    samples: int | None = Field(None, gt=0)
+    samples: PosInt | None = None
     """Stop once samples_seen reaches this many samples."""
-    seed: int = 0
-    """Seed of model init, data order and every rank's RNG."""
+    seed: Seed = 0
+    """Seed of model init, data order and every rank's RNG (0 … 2^32−1)."""
     engine: Literal["auto", "ddp", "accelerate", "deepspeed"] = "auto"
-    log_every: int = Field(10, gt=0)
+    """Gradient-sync engine; auto picks it from the launcher."""
+    log_every: PosInt = 10
     """Write metrics every this many iterations (and at the last one)."""
-    eval_every: str | int | None = None
+    eval_every: DurationText | None = None
     """Evaluate every this duration (`1ep`, `200it`); always at the end when an eval set exists."""
-    checkpoint_every: str | int | None = None
+    checkpoint_every: DurationText | None = None
     """Checkpoint every this duration; always at the end."""
-    keep_checkpoints: int = Field(2, gt=0)
-    resume: str = "never"
+    keep_checkpoints: PosInt = 2
+    """Newest checkpoints kept in run_dir/checkpoints."""
+    resume: PathText = "never"
     """`never`, `auto` (latest valid checkpoint in run_dir) or a checkpoint directory."""
-    sync_batchnorm: bool = False
+    sync_batchnorm: Bool = False
+    """Convert BatchNorm to SyncBatchNorm (statistics over the devices of one micro_step)."""
     precision: Literal["fp32", "bf16"] = "fp32"
+    """Compute precision of the forward and backward passes."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
-    noise_scale: bool = False
+    """A non-finite gradient: checkpoint the last good state and stop, or skip that update on every rank."""
+    noise_scale: Bool = False
     """Estimate the gradient noise scale B_simple from local and global gradients."""
-    deepspeed_config: str | None = None
+    deepspeed_config: PathText | None = None
     """DeepSpeed JSON; checked against the plan (train_batch_size etc.)."""
-    zero_stage: int = Field(0, ge=0, le=3)
-    halt_at: int | None = Field(None, gt=0)
+    zero_stage: Int = Field(0, ge=0, le=3)
+    """DeepSpeed ZeRO stage when no JSON gives one."""
+    halt_at: PosInt | None = None
     """Checkpoint and stop after this iteration (resume later with train.resume=auto)."""
-    allow_config_change: bool = False
+    allow_config_change: Bool = False
     """Resume even if global batch, dataset size or seed differ from the checkpoint's."""
-    dist_timeout_s: float = Field(600, gt=0)
-    """Timeout of the process group's rendezvous and collectives: a hung peer becomes an error (and a restart
-    under --max-restarts) after this long."""
-    num_workers: int = Field(0, ge=0)
+    dist_timeout_s: Float = Field(600, gt=0)
+    """Timeout of the process group's rendezvous and collectives, in seconds."""
+    num_workers: Int = Field(0, ge=0, le=1024)
     """DataLoader worker processes per rank."""
 
-    @field_validator("eval_every", "checkpoint_every")
+    @model_validator(mode="before")
     @classmethod
-    def _durations(cls, value: Any) -> str | int | None:
-        return _duration(value)
+    def _last_stop_wins(cls, data: Any) -> Any:
+        return _last_of_group(data, EXCLUSIVE_GROUPS["train"])
 
-    @model_validator(mode="after")
-    def _one_stop(self) -> TrainConfig:
-        given = [n for n in ("epochs", "iterations", "samples") if getattr(self, n) is not None]
-        if len(given) > 1:
-            raise ValueError(f"give only one of train.epochs / train.iterations / train.samples, got "
-                             f"{', '.join(given)}")
-        return self
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Setting one run length clears the others: the last one given wins here too."""
+        if name in EXCLUSIVE_GROUPS["train"] and value is not None:
+            for other in EXCLUSIVE_GROUPS["train"]:
+                if other != name and getattr(self, other) is not None:
+                    super().__setattr__(other, None)
+        super().__setattr__(name, value)
 
     @property
     def stop(self) -> Duration:
@@ -197,37 +242,86 @@ class TrainConfig(_Section):
 
 
 class ReportConfig(_Section):
-    console: bool = True
-    jsonl: bool = True
-    wandb: bool = False
-    wandb_project: str = "ddp_toolkit"
-    run_name: str | None = None
-    tags: list[str] = Field(default_factory=list)
+    console: Bool = True
+    """Live progress and the plan table on the console (rank 0)."""
+    jsonl: Bool = True
+    """Write run_dir/metrics.jsonl."""
+    wandb: Bool = False
+    """Log to Weights & Biases (needs the wandb extra)."""
+    wandb_project: Text = "ddp_toolkit"
+    """wandb project name."""
+    run_name: Text | None = None
+    """wandb run name (default: the name of run_dir)."""
+    tags: list[Text] = Field(default_factory=list)
+    """wandb tags."""
 
 
 class Config(_Section):
     """One training run: data → model → batch plan → optimizer → loop → reports."""
 
-    run_dir: str = "runs/default"
+    run_dir: PathText = "runs/default"
+    """Where plan.json, metrics.jsonl, checkpoints/ and final/ go."""
     data: DataConfig = Field(default_factory=DataConfig)
+    """Training and evaluation data."""
     model: ModelConfig = Field(default_factory=ModelConfig)
+    """The network."""
     batch: BatchConfig = Field(default_factory=BatchConfig)
+    """The batch plan: B = b·W·k."""
     optim: OptimConfig = Field(default_factory=OptimConfig)
+    """Optimizer, large-batch lr rule and schedule."""
     train: TrainConfig = Field(default_factory=TrainConfig)
+    """Run length, cadences, resume and engine."""
     report: ReportConfig = Field(default_factory=ReportConfig)
+    """Where the metrics go."""
+
+
+def _last_of_group(data: Any, group: tuple[str, ...]) -> Any:
+    """Keep only the last key of `group` that is set (mapping order is the order given); null the others."""
+    if not isinstance(data, dict):
+        return data
+    given = [key for key in data if key in group and data[key] is not None]
+    if len(given) <= 1:
+        return data
+    return {key: (None if key in given[:-1] else value) for key, value in data.items()}
+
+
+def _dotted(loc: tuple) -> str:
+    """The config key of a pydantic error location, without the union-member tags pydantic adds."""
+    model: Any = Config
+    parts: list[str] = []
+    for part in loc:
+        fields = getattr(model, "model_fields", None)
+        if isinstance(part, int):
+            parts.append(str(part))
+        elif fields is not None and part in fields:
+            parts.append(part)
+            model = fields[part].annotation
+        elif fields is not None:
+            parts.append(str(part))  # an unknown key
+            model = None
+    return ".".join(parts)
 
 
 def _format_error(err: ValidationError) -> str:
-    """One line: the first problem, with its dotted key, the value given and what is allowed."""
+    """One line: the first problem, with its dotted key, the value given (shortened) and what is allowed."""
     first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"])
+    key = _dotted(first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
-        return f"unknown key {key!r}"
+        section, _, name = key.rpartition(".")
+        model = Config if not section else _section_model(section)
+        near = difflib.get_close_matches(name, list(getattr(model, "model_fields", {})), n=1)
+        hint = f" (did you mean {'.'.join(filter(None, [section, near[0]]))!r}?)" if near else ""
+        return f"unknown key {shown(key)}{hint}"
     if not key:
         return msg
     given = first.get("input")
-    return f"{key}: {msg} (got {given!r})" if not isinstance(given, dict) else f"{key}: {msg}"
+    return f"{key}: {msg} (got {shown(given)})" if not isinstance(given, dict) else f"{key}: {msg}"
+
+
+def _section_model(section: str) -> Any:
+    field = Config.model_fields.get(section)
+    return field.annotation if field is not None else None
 
 
 def validate(raw: dict) -> Config:
@@ -239,48 +333,56 @@ def validate(raw: dict) -> Config:
 
 
 def _parse_value(text: str) -> Any:
-    """Override values are YAML scalars: `0.1`, `true`, `[64, 64]`, `5ep`."""
+    """Override values are YAML scalars: `0.1`, `1e-3`, `true`, `[64, 64]`, `5ep`; text that is not YAML stays
+    text."""
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
+        return parse_yaml(text)
+    except YamlError:
         return text
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply `key.path=value` overrides to a raw config dict (a new dict; keys must exist in Config)."""
-    out = yaml.safe_load(yaml.safe_dump(raw)) or {}
+    """Apply `key.path=value` overrides to a raw config dict (a new dict; the original is not touched).
+
+    An override goes to the end of its section's order, so within an exclusive group it is the last one given.
+    """
+    out = copy.deepcopy(raw) if raw else {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+            raise ConfigError(f"override {shown(item)} is not of the form key.path=value")
         node = out
         parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+                raise ConfigError(f"override {shown(item)}: {shown(part)} is not a section")
+        node.pop(parts[-1], None)
         node[parts[-1]] = _parse_value(value)
     return out
 
 
 def load_raw(path: str | Path) -> dict:
-    """Read a YAML mapping with safe_load; a missing or unreadable file is one ConfigError line."""
+    """Read a UTF-8 YAML mapping with a safe loader that refuses duplicate keys; any problem is one line."""
     path = Path(path)
+    where = f"config file {shown(str(path))}"
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as err:
-        raise ConfigError(f"cannot read config file {str(path)!r}: {err.strerror}") from None
+        raise ConfigError(f"cannot read {where}: {err.strerror}") from None
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        where = getattr(err, "problem_mark", None)
-        line = f" at line {where.line + 1}" if where else ""
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML{line}") from None
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{where} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start})") \
+            from None
+    try:
+        raw = parse_yaml(text)
+    except YamlError as err:
+        raise ConfigError(f"{where} is not valid YAML{err}") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got a "
-                          f"{type(raw).__name__}")
+        raise ConfigError(f"{where} must hold a mapping of sections, got a {type(raw).__name__}")
     return raw
 
 
