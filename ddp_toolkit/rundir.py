@@ -65,6 +65,25 @@ def os_error_in(err: BaseException) -> OSError | None:
 
 
 # ---- one run at a time ---------------------------------------------------------------------------------------
+def _holder_text(holder: dict | None) -> str:
+    if holder is None:
+        return "another run (holder unknown)"
+    return f"pid {holder.get('pid', '?')} on {holder.get('host', '?')} (started {holder.get('started', '?')})"
+
+
+def _exited(holder: dict | None) -> bool:
+    """True when the recorded holder is a process of this host that no longer exists."""
+    if holder is None or holder.get("host") != socket.gethostname() or type(holder.get("pid")) is not int:
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 class RunDirLock:
     """An exclusive lock on a run directory, held by rank 0 of a run for the whole run.
 
@@ -82,8 +101,12 @@ class RunDirLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self) -> RunDirLock:
-        """Take the lock or raise `RunDirBusy` naming the holder; returns self."""
+    def acquire(self, *, grace_s: float = 15.0) -> RunDirLock:
+        """Take the lock or raise `RunDirBusy` naming the holder; returns self.
+
+        When the recorded holder has exited but the lock is still held (a data-loader worker it forked has not
+        noticed yet), wait up to `grace_s` seconds for it to go; a live holder is refused at once.
+        """
         if self.rank != 0 or self._fd is not None:
             return self
         try:
@@ -91,20 +114,31 @@ class RunDirLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except OSError as err:
             raise RunDirUnwritable(f"cannot create the lock file {self.path}: {describe_os_error(err)}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            os.close(fd)
-            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise RunDirUnwritable(f"cannot lock {self.path}: {describe_os_error(err)}") from None
-            raise RunDirBusy(f"run_dir {self.run_dir} is in use by {self._holder_text()}; wait for that run to "
-                             f"end or choose another run_dir") from None
+        deadline = time.monotonic() + grace_s
+        while not self._try_lock(fd):
+            holder = self.holder()
+            if not _exited(holder) or time.monotonic() >= deadline:
+                os.close(fd)
+                orphan = "; it has exited but a process it started still holds the lock" if _exited(holder) else ""
+                raise RunDirBusy(f"run_dir {self.run_dir} is in use by {_holder_text(holder)}{orphan}; wait for "
+                                 f"that run to end or choose another run_dir")
+            time.sleep(0.2)
         holder = {"pid": os.getpid(), "host": socket.gethostname(),
                   "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
         self._fd = fd
         return self
+
+    def _try_lock(self, fd: int) -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return False
+            os.close(fd)
+            raise RunDirUnwritable(f"cannot lock {self.path}: {describe_os_error(err)}") from None
+        return True
 
     def holder(self) -> dict | None:
         """What the lock file says about its (last) holder, or None when it says nothing readable."""
@@ -114,12 +148,6 @@ class RunDirLock:
         except (OSError, ValueError):
             return None
         return data if isinstance(data, dict) else None
-
-    def _holder_text(self) -> str:
-        h = self.holder()
-        if h is None:
-            return "another run (holder unknown)"
-        return f"pid {h.get('pid', '?')} on {h.get('host', '?')} (started {h.get('started', '?')})"
 
     def release(self) -> None:
         """Free the lock (the file stays, emptied: unlinking it would let two runs lock different files)."""

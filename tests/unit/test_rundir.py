@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
 import socket
 import subprocess
+import threading
 
 import pytest
 
@@ -81,6 +83,34 @@ def test_second_process_is_refused_naming_the_holder_until_the_holder_is_killed(
         holder.join(30)
     with RunDirLock(run_dir) as lock:  # the kernel freed the dead holder's lock: no stale-lock cleanup needed
         assert lock.held and lock.holder()["pid"] == os.getpid()
+
+
+def _hold_lock_and_fork(run_dir, queue) -> None:
+    RunDirLock(run_dir).acquire()
+    worker = os.fork()  # like a data-loader worker: it shares the open lock file, and so the lock
+    if worker == 0:
+        signal.pause()
+        os._exit(0)
+    queue.put(worker)
+    signal.pause()
+
+
+def test_lock_left_to_a_forked_worker_of_a_dead_holder_is_waited_for(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    holder = ctx.Process(target=_hold_lock_and_fork, args=(tmp_path, queue), daemon=True)
+    holder.start()
+    worker = queue.get(timeout=30)
+    os.kill(holder.pid, signal.SIGKILL)
+    os.waitpid(holder.pid, 0)  # reaped (join would wait for the worker, which shares the process's sentinel pipe)
+    try:
+        with pytest.raises(RunDirBusy, match=f"pid {holder.pid} .* it has exited but a process it started"):
+            RunDirLock(tmp_path).acquire(grace_s=0.3)
+        threading.Timer(0.5, os.kill, (worker, signal.SIGKILL)).start()
+        assert RunDirLock(tmp_path).acquire(grace_s=30).held
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGKILL)
 
 
 def test_lock_released_on_exit_and_reacquired(tmp_path):
