@@ -59,7 +59,7 @@ def os_error_in(err: BaseException) -> OSError | None:
     while seen is not None:
         if isinstance(seen, OSError):
             return seen
-        seen = seen.__cause__ or seen.__context__
+        seen = seen.__cause__ or (None if seen.__suppress_context__ else seen.__context__)
     found = re.search(r"os error (\d+)", str(err))
     return OSError(int(found.group(1)), os.strerror(int(found.group(1)))) if found else None
 
