@@ -86,3 +86,19 @@ def test_tiny_sweep_with_two_processes_per_point(tmp_path: Path, capsys) -> None
         assert one["world_size"] == "1" and int(one["grad_accum_steps"]) >= 2
         assert float(one["eval_loss"]) == pytest.approx(float(two["eval_loss"]), rel=1e-9)
         assert float(one["final_train_loss"]) == pytest.approx(float(two["final_train_loss"]), rel=1e-9)
+
+
+def test_a_launched_point_that_diverges_is_recorded_from_the_trainers_error(tmp_path: Path) -> None:
+    boom = {**SWEEP, "batch_sizes": [16], "rules": [{"name": "boom", "lr": 1e30}], "evals": 1}
+    path = tmp_path / "boom.yaml"
+    path.write_text(yaml.safe_dump(boom))
+    out = tmp_path / "out"
+    assert main(["sweep", str(path), "--out", str(out)]) == 0
+    run_dir = out / "points" / "boom" / "B00016"
+    outcome = json.loads((run_dir / "outcome.json").read_text())  # written by rank 0 of the launched run
+    assert outcome["status"] == "diverged" and outcome["error"].startswith("TrainingStopped: ")
+    assert json.loads((run_dir / "point.json").read_text())["status"] == "diverged"
+    ((row,),) = [_rows(out)]
+    assert row["status"] == "diverged" and row["eval_accuracy"] == ""
+    (v,) = json.loads((out / "verdict.json").read_text())["verdicts"]
+    assert (v["reference_value"], v["largest_batch_size"], v["breaks_at"]) == (None, None, 16)
