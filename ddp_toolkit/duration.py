@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from decimal import Decimal
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -84,5 +85,6 @@ class Duration:
 
     def __str__(self) -> str:
         """The canonical text, which `parse` reads back to an equal value: `500it`, `2.5ep`, `20000sp`."""
-        amount = f"{int(self.value)}" if self.value.is_integer() else repr(self.value)
+        # positional digits (no exponent, which the parser refuses), exactly the shortest repr's digits
+        amount = f"{int(self.value)}" if self.value.is_integer() else f"{Decimal(repr(self.value)):f}"
         return f"{amount}{self.unit}"

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from ddp_toolkit import checkpoint as ckpt
 
-__all__ = ["CheckpointManager", "EngineState", "RNGState", "Stateful"]
+__all__ = ["CheckpointManager", "EngineState", "RNGState", "Stateful", "broadcast_from_main"]
 
 MODEL_KEY, RNG_KEY, FINGERPRINT_KEY = "model", "rng", "fingerprint"
 
@@ -63,6 +63,30 @@ class RNGState:
         ckpt.set_rng_state(state)
 
 
+def broadcast_from_main(value: Any) -> Any:
+    """Rank 0's `value` on every rank (a picklable object), so that every rank acts on one decision."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _all_ok(ok: bool) -> bool:
+    """True when every rank's part of a checkpoint write succeeded (so all ranks raise together, none hang)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return ok
+    flag = torch.tensor([1.0 if ok else 0.0], dtype=torch.float64,
+                        device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() == 1.0)
+
+
 def describe_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """`key old → new` for every key whose value differs (keys missing on one side included)."""
     return [f"{key} {old.get(key)!r} → {new.get(key)!r}" for key in sorted(set(old) | set(new))
@@ -93,7 +117,7 @@ class CheckpointManager:
             state["optimizer"] = optimizer_state
             state[FINGERPRINT_KEY] = self.fingerprint
         return ckpt.save_checkpoint(self.root, iteration, model_state=model_state, state=state, rank=self.rank,
-                                    barrier=self.barrier, keep=self.keep)
+                                    barrier=self.barrier, keep=self.keep, all_ok=_all_ok)
 
     def find(self, resume: str) -> Path | None:
         """The checkpoint `train.resume` names: None for `never`, the newest valid one for `auto`, or a path."""

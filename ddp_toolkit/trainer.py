@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,9 +32,10 @@ from ddp_toolkit.noise_scale import NoiseMeter, NoiseScaleEstimator
 from ddp_toolkit.progress import Progress
 from ddp_toolkit.recipe import fingerprint, lr_info, make_optimizer, plan_for, preflight, schedule_for
 from ddp_toolkit.recipe import train_from_config as train_from_config
-from ddp_toolkit.reporting import Reporter
+from ddp_toolkit.reporting import Reporter, write_final_weights
+from ddp_toolkit.rundir import RunDirLock, archive_previous_run, check_writable
 from ddp_toolkit.sampler import GlobalBatchSampler, collate_allow_empty
-from ddp_toolkit.state import CheckpointManager, EngineState
+from ddp_toolkit.state import CheckpointManager, EngineState, broadcast_from_main
 from ddp_toolkit.step import Step, TupleStep, default_loss
 from ddp_toolkit.stopping import StopVote
 
@@ -71,6 +71,9 @@ class Trainer:
         # the engine checks its config (e.g. a DeepSpeed JSON against the plan) before any rendezvous
         self.engine = engine(env, plan, cfg) if engine is not None else build_engine(cfg, env, plan)
         self._exit = contextlib.ExitStack()
+        if env.is_main:  # one run per run_dir; found unwritable now, not at the first checkpoint
+            self._exit.enter_context(RunDirLock(self.run_dir, rank=env.rank).acquire())
+            check_writable(self.run_dir)
         self._exit.enter_context(distributed(env, timeout_s=cfg.train.dist_timeout_s))
         try:
             self._build(model, train_set, eval_set)
@@ -125,16 +128,26 @@ class Trainer:
     def fit(self) -> dict:
         """Train to the configured length; returns the summary (also written to run_dir/summary.json)."""
         try:
-            resumed = self.checkpoints.find(self.cfg.train.resume)
-            if resumed is not None:
-                self.checkpoints.load(resumed)
-            self.reporter.truncate_after(self.progress.iteration)  # a fresh run starts a fresh metrics.jsonl
+            resumed = self._resume_or_start_fresh()
+            self.reporter.truncate_after(self.progress.iteration)  # rows after the checkpoint are redone
             self.reporter.start(self._plan_info(resumed), self.progress, self.total_iterations)
             self.stop_vote.install()
             self._run()
         finally:
             self.close()
         return self.summary
+
+    def _resume_or_start_fresh(self) -> Path | None:
+        """Rank 0 chooses the checkpoint (every rank loads the same one); a fresh run moves an older one aside."""
+        path = broadcast_from_main(self.checkpoints.find(self.cfg.train.resume) if self.env.is_main else None)
+        if path is not None:
+            self.checkpoints.load(path)
+        elif self.env.is_main:
+            moved = archive_previous_run(self.run_dir)
+            if moved:
+                self.reporter.warn(f"fresh run: the previous run's outputs were moved to {moved[0].parent}")
+        self.engine.barrier()
+        return path
 
     def close(self) -> None:
         """Restore signal handlers, close the engine and the reporter, leave the process group (always)."""
@@ -310,13 +323,7 @@ class Trainer:
 
     def _save_final(self) -> None:
         if self.env.is_main:
-            from safetensors.torch import save_file
-
-            final = self.run_dir / "final"
-            final.mkdir(parents=True, exist_ok=True)
-            tmp = final / ".model.safetensors.tmp"
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.engine.model_state().items()}, tmp)
-            os.replace(tmp, final / "model.safetensors")
+            write_final_weights(self.run_dir, self.engine.model_state())
         self.engine.barrier()
 
     def _plan_info(self, resumed: Path | None) -> dict:

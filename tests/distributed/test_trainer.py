@@ -109,7 +109,7 @@ def test_resume_is_bit_exact_and_elastic(tmp_path):
     assert full.returncode == 0, full.stderr[-3000:]
     part = torchrun(config, 2, f"run_dir={tmp_path / 'part'}", "train.halt_at=13")
     assert part.returncode == 0, part.stderr[-3000:]
-    assert not (tmp_path / "part" / "final").exists()
+    assert not (tmp_path / "part" / "final" / "model.safetensors").exists()  # halted: no final weights
     rest = torchrun(config, 2, f"run_dir={tmp_path / 'part'}", "train.resume=auto")
     assert rest.returncode == 0, rest.stderr[-3000:]
     a, b = final_weights(tmp_path / "full"), final_weights(tmp_path / "part")
