@@ -16,7 +16,7 @@ from typing import Literal
 
 from ddp_toolkit.errors import RunError
 from ddp_toolkit.sweep.results import CurvePoint, PointResult
-from ddp_toolkit.sweep.spec import higher_is_better
+from ddp_toolkit.sweep.spec import METRICS, higher_is_better
 from ddp_toolkit.sweep.stats import Interval, fit_critical_batch, mean_interval
 
 __all__ = ["SweepError", "Group", "Verdict", "groups", "within", "compare", "verdicts", "default_target",
@@ -49,8 +49,7 @@ class Group:
 
     def interval(self, attribute: str) -> Interval | None:
         """Mean and t-interval of a metric or column over the judged runs; None if any has no value."""
-        values = [r.value(attribute) if attribute in ("train_loss", "eval_loss", "eval_accuracy")
-                  else getattr(r, attribute) for r in self.judged]
+        values = [r.value(attribute) if attribute in METRICS else getattr(r, attribute) for r in self.judged]
         if not values or any(v is None or not math.isfinite(v) for v in values):
             return None
         return mean_interval(values)

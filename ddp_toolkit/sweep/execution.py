@@ -112,7 +112,7 @@ def run_point(point: Point) -> Status:
     else:
         code = _train_launched(point)
     outcome = read_json(point.run_dir / OUTCOME)
-    if not outcome:  # no worker got as far as recording: the launcher or a worker died
+    if not outcome or (code and outcome.get("status") == "finished"):  # the launcher or another worker died
         log = point.run_dir / "launch.log"
         outcome = {"status": "failed", "error": f"torch.distributed.run exited with {code} (see {log})"}
     _write_marker(point, outcome["status"], outcome.get("error"))

@@ -75,7 +75,8 @@ def _target_text(sweep: Sweep, report: SweepReport) -> str:
     return (f"Steps-to-target: the first evaluated iteration (about {spec.evals} evaluations per run) at which "
             f"`{spec.metric}` {relation} {num(report.target)} ({source}); missing where a run never reaches it "
             f"within its budget. B_crit is the fit of S(B) = S_min·(1 + B_crit/B) (McCandlish et al. 2018) by "
-            f"linear least squares in 1/B over the batch sizes that reached the target (at least 3).")
+            f"linear least squares in 1/B (weights 1/S²: relative errors) over the batch sizes that reached the "
+            f"target (at least 3).")
 
 
 def _verdict_table(verdicts: list[Verdict], metric: str, seeds: int) -> list[str]:
