@@ -59,7 +59,7 @@ def _duration(value: Any) -> Any:
     return value
 
 
-Int = Annotated[int, Strict(), Ge(-INT64_MAX - 1), Le(INT64_MAX)]
+Int = Annotated[int, Strict()]  # bounds in Field(...) only: an alias's bounds would override the field's
 PosInt = Annotated[int, Strict(), Gt(0), Le(INT64_MAX)]
 Count = Annotated[int, Strict(), Ge(0), Le(INT64_MAX)]
 Seed = Annotated[int, Strict(), Ge(0), Le(SEED_MAX)]
@@ -86,7 +86,7 @@ class DataConfig(_Section):
     """Held-out samples for evaluation (synthetic only; digits uses its 360 held-out samples); 0 for none."""
     features: PosInt = 32
     """Input features of the synthetic set."""
-    classes: Int = Field(10, gt=1)
+    classes: Int = Field(10, gt=1, le=2**20)
     """Classes of the synthetic set."""
     noise: Float = Field(0.5, ge=0)
     """Label noise of the synthetic set: std of the Gaussian added to the class logits."""

@@ -19,7 +19,7 @@ from pydantic.fields import FieldInfo
 from ddp_toolkit.config import EXCLUSIVE_GROUPS, INT64_MAX, Config, apply_overrides, load_raw, validate
 from ddp_toolkit.text import one_line
 
-__all__ = ["add_config_parser", "fields", "render_markdown", "render_show", "type_text"]
+__all__ = ["add_config_parser", "fields", "render_markdown", "render_show", "type_text", "unwrap"]
 
 _BOUNDS = ((Gt, "gt", ">"), (Ge, "ge", "≥"), (Lt, "lt", "<"), (Le, "le", "≤"))
 
@@ -33,7 +33,7 @@ def fields(model: type[BaseModel] = Config, prefix: str = "") -> Iterator[tuple[
             yield f"{prefix}{name}", field
 
 
-def _parts(annotation: Any, metadata: list) -> tuple[Any, list]:
+def unwrap(annotation: Any, metadata: list) -> tuple[Any, list]:
     """The base type and every constraint, Annotated layers unwrapped."""
     metadata = list(metadata)
     while typing.get_origin(annotation) is typing.Annotated:
@@ -44,7 +44,7 @@ def _parts(annotation: Any, metadata: list) -> tuple[Any, list]:
 
 def type_text(annotation: Any, metadata: list | tuple = ()) -> str:
     """A type as a reader wants it: `int > 0`, `number in [0, 1)`, `duration`, `one of sgd, adam`, `… or null`."""
-    base, meta = _parts(annotation, list(metadata))
+    base, meta = unwrap(annotation, list(metadata))
     args = typing.get_args(base)
     if type(None) in args:
         rest = [a for a in args if a is not type(None)]

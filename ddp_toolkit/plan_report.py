@@ -175,7 +175,7 @@ def explain_plan(plan: BatchPlan, info: dict) -> str:
     lines.append(f"The run is {count(total, 'iteration')} = {count(info['epochs'], 'epoch')} = "
                  f"{count(total, 'weight update')}, seeing {count(info['total_samples'], 'sample')} in all.")
     lines.append(f"Conversions: {count(plan.iterations_for(1), 'iteration')} = 1 epoch; 1 iteration = "
-                 f"{plan.epochs_for(1):.6g} epochs; iterations = epochs × {ipe}.")
+                 f"{count(plan.epochs_for(1), 'epoch')}; iterations = epochs × {ipe}.")
     for rule, rate in info["scaled_lr_by_rule"].items():
         lines.append(f"Learning rate: {info['base_lr']:.6g} was tuned at batch {info['base_batch_size']} "
                      f"({info['base_batch_size_from']}); the {rule} rule gives {rate:.6g} at batch {B}.")

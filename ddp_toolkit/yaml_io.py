@@ -57,3 +57,5 @@ def parse_yaml(text: str) -> Any:
         raise YamlError(f" at line {mark.line + 1}" if mark else "") from None
     except RecursionError:
         raise YamlError(": nested too deeply") from None
+    except ValueError as err:  # e.g. an integer of more digits than Python converts
+        raise YamlError(f": {shown(str(err))}") from None
