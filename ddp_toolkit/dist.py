@@ -7,8 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import ipaddress
 import os
 import re
+import signal
+import socket
+import sys
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -18,7 +23,12 @@ import torch.distributed as dist
 
 from ddp_toolkit.cluster import expand_nodelist, master_port_for_job
 
-__all__ = ["DistEnv", "distributed", "detect_launcher", "all_reduce_sum"]
+__all__ = ["DistEnv", "distributed", "detect_launcher", "all_reduce_sum", "watch_launcher"]
+
+ORPHAN_GRACE_S = 30.0
+"""After its launcher died, how long a worker may take to checkpoint and exit before it exits anyway."""
+_WATCHED_LAUNCHERS = ("torchrun", "accelerate", "deepspeed", "slurm")
+_LAUNCHER_PID = os.getppid()  # read at import, as early as a worker can, in case the launcher dies soon after
 
 
 # Step ids Slurm reserves for the batch shell, the extern and interactive steps (0xFFFFFFFA and up).
@@ -139,22 +149,97 @@ class DistEnv:
 
 @contextlib.contextmanager
 def distributed(env: DistEnv, timeout_s: float = 600) -> Iterator[DistEnv]:
-    """Initialise the process group when W > 1 (and set the device); tear it down only if we made it."""
-    created = False
+    """Initialise the process group when W > 1 (and set the device); tear it down only if we made it.
+
+    While inside, a worker started by a launcher stops when that launcher dies (`watch_launcher`).
+    """
+    created, watch = False, watch_launcher(env)
     if env.is_distributed and not dist.is_initialized():
         os.environ["MASTER_ADDR"] = env.master_addr
         os.environ["MASTER_PORT"] = str(env.master_port)
         if env.device.type == "cuda":
             torch.cuda.set_device(env.device)
         timeout = timedelta(seconds=timeout_s)
+        store = _attempt_store(env, timeout)
         dist.init_process_group(env.backend, rank=env.rank, world_size=env.world_size, timeout=timeout,
-                                store=_attempt_store(env, timeout))
+                                store=store if store is not None else _loopback_store(env, timeout))
         created = True
     try:
         yield env
     finally:
+        if watch is not None:
+            watch.set()
         if created and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def watch_launcher(env: DistEnv, *, poll_s: float = 1.0, grace_s: float = ORPHAN_GRACE_S) -> threading.Event | None:
+    """Stop this worker when the launcher that started it (torchrun's agent, accelerate, deepspeed, srun's
+    slurmstepd) dies: SIGTERM to itself, a stop request that the trainer answers with a checkpoint after
+    the current iteration; exit anyway `grace_s` later. Set the returned event to end the watch; None
+    when nothing is watched (no launcher, or one we do not know: its parent may be a login shell).
+
+    A daemon thread polls the parent's pid: PR_SET_PDEATHSIG would fire when the launcher's *thread* that
+    started us ends, and it is Linux only.
+    """
+    if env.launcher not in _WATCHED_LAUNCHERS:
+        return None
+    done = threading.Event()
+    threading.Thread(target=_watch_parent, args=(_LAUNCHER_PID, done, poll_s, grace_s), daemon=True,
+                     name="ddp_toolkit-watch-launcher").start()
+    return done
+
+
+def _watch_parent(parent: int, done: threading.Event, poll_s: float, grace_s: float) -> None:
+    while os.getppid() == parent:
+        if done.wait(poll_s):
+            return
+    rank = os.environ.get("RANK", "?")
+    print(f"rank {rank}: the launcher (pid {parent}) is gone; stopping after this iteration", file=sys.stderr,
+          flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+    if not done.wait(grace_s):
+        print(f"rank {rank}: still running {grace_s:g} s after the launcher died; exiting", file=sys.stderr,
+              flush=True)
+        os._exit(1)
+
+
+def _loopback_family(addr: str) -> socket.AddressFamily | None:
+    """AF_INET / AF_INET6 when `addr` is a loopback address (or `localhost`), else None."""
+    if addr == "localhost":
+        return socket.AF_INET
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return None
+    if not ip.is_loopback:
+        return None
+    return socket.AF_INET if ip.version == 4 else socket.AF_INET6
+
+
+def _loopback_store(env: DistEnv, timeout: timedelta) -> dist.Store | None:
+    """When MASTER_ADDR is a loopback address, the process-group store listening on that address only.
+
+    torch's TCPStore server binds the wildcard address (every interface, IPv4 and IPv6) whatever host name
+    it is given; only a socket the caller bound and passes as `master_listen_fd` narrows it. None (torch's
+    own env:// store) for any other address.
+    """
+    family = _loopback_family(env.master_addr)
+    if family is None:
+        return None
+    if env.rank != 0:
+        return dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=False, timeout=timeout)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1" if env.master_addr == "localhost" else env.master_addr, env.master_port))
+        sock.listen(socket.SOMAXCONN)
+    except OSError as err:
+        sock.close()
+        raise RuntimeError(f"cannot listen on {env.master_addr}:{env.master_port} for the process-group "
+                           f"store: {err}") from err
+    return dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=True, timeout=timeout,
+                         master_listen_fd=sock.detach())  # the store owns the socket from here on
 
 
 def _attempt_store(env: DistEnv, timeout: timedelta) -> dist.Store | None:

@@ -6,9 +6,12 @@ deepspeed launcher, srun); the SLURM ones were read from tasks of a real job.
 
 from __future__ import annotations
 
+import socket
+from datetime import timedelta
+
 import pytest
 
-from ddp_toolkit.dist import DistEnv, detect_launcher
+from ddp_toolkit.dist import DistEnv, _loopback_family, _loopback_store, detect_launcher, watch_launcher
 from ddp_toolkit.slurm import master_port_for_job
 
 TORCHRUN_RANK5 = {  # node 1 of 2, 4 workers per node, as torch.distributed.run sets it
@@ -98,3 +101,42 @@ def test_describe_launcher(env: DistEnv, text: str) -> None:
 def test_bad_tasks_per_node_is_one_line() -> None:
     with pytest.raises(ValueError, match="tasks per node"):
         DistEnv.from_env({**SLURM_STEP_RANK5, "SLURM_STEP_TASKS_PER_NODE": "4(y2)"})
+
+
+@pytest.mark.parametrize(("launcher", "watched"), [
+    ("torchrun", True), ("accelerate", True), ("deepspeed", True), ("slurm", True),
+    ("none", False), ("env", False), ("test", False)])
+def test_only_a_known_launcher_is_watched(launcher: str, watched: bool) -> None:
+    """A process with no launcher (or an unknown one) may be a child of a login shell: never stopped."""
+    watch = watch_launcher(DistEnv(launcher=launcher), poll_s=60)
+    assert (watch is not None) == watched
+    if watch is not None:
+        watch.set()  # ends the watching thread
+
+
+@pytest.mark.parametrize(("addr", "family"), [
+    ("127.0.0.1", socket.AF_INET), ("127.0.0.2", socket.AF_INET), ("localhost", socket.AF_INET),
+    ("::1", socket.AF_INET6), ("10.0.0.1", None), ("gpu01", None), ("0.0.0.0", None)])
+def test_loopback_family(addr: str, family: socket.AddressFamily | None) -> None:
+    assert _loopback_family(addr) == family
+
+
+@pytest.mark.parametrize("addr", ["127.0.0.1", "::1"])
+def test_store_of_a_loopback_master_listens_on_loopback_only(addr: str) -> None:
+    """torch's own TCPStore server binds every interface; the one `distributed()` makes binds MASTER_ADDR."""
+    psutil = pytest.importorskip("psutil")
+    family = socket.AF_INET if ":" not in addr else socket.AF_INET6
+    try:
+        with socket.socket(family) as probe:
+            probe.bind((addr, 0))
+            port = probe.getsockname()[1]
+    except OSError:
+        pytest.skip(f"no {addr} here")
+    env = DistEnv(rank=0, world_size=1, master_addr=addr, master_port=port, launcher="test")
+    store = _loopback_store(env, timedelta(seconds=10))
+    store.set("k", "v")
+    assert store.get("k") == b"v"
+    listening = [c.laddr for c in psutil.Process().net_connections("inet")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+    assert [a.ip for a in listening] == [addr]
+    assert _loopback_store(DistEnv(master_addr="10.0.0.1"), timedelta(seconds=1)) is None
