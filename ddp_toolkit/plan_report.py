@@ -131,6 +131,8 @@ def plan_rows(plan: BatchPlan, info: dict, verbose: bool = False) -> list[tuple[
     rows.append(("lr schedule", f"{info['schedule']}" + (f", decay at iterations {milestones}" if milestones else "")))
     rows.append(("evaluation", _every(info["eval_every_iterations"])))
     rows.append(("checkpoints", _every(info["checkpoint_every_iterations"])))
+    rows += [(key, str(info[key])) for key in ("engine", "backend", "launcher", "precision", "resumed_from")
+             if key in info]
     return rows
 
 

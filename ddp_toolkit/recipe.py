@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ddp_toolkit.config import Config, ConfigError
+from ddp_toolkit.config_plan import milestone_iterations, reference_batch, scaling_warning, warmup_iterations
 from ddp_toolkit.lr import Schedule, adam_sqrt_hparams, scaled_lr
 from ddp_toolkit.plan import BatchPlan
 
@@ -26,25 +27,28 @@ def plan_for(cfg: Config, dataset_size: int, world_size: int) -> BatchPlan:
 
 
 def lr_info(cfg: Config, plan: BatchPlan) -> dict:
-    """Base and scaled learning rate, the rule and the reference batch."""
+    """Base and scaled learning rate, the rule and the reference batch (and where that came from)."""
     o = cfg.optim
-    ref = o.base_batch_size or plan.global_batch_size
-    return {"base_lr": o.lr, "base_batch_size": ref, "lr_rule": o.lr_scaling,
+    ref, ref_from = reference_batch(cfg, plan)
+    return {"base_lr": o.lr, "base_batch_size": ref, "base_batch_size_from": ref_from, "lr_rule": o.lr_scaling,
             "scaled_lr": scaled_lr(o.lr, plan.global_batch_size, ref, o.lr_scaling)}
+
+
+def schedule_notes(cfg: Config, plan: BatchPlan, total: int) -> list[str]:
+    """One line for each setting the run adapted: a rule that cannot scale, a warmup or milestones cut."""
+    notes = [scaling_warning(cfg), warmup_iterations(cfg, plan, total)[1], milestone_iterations(cfg, plan, total)[1]]
+    return [n for n in notes if n]
 
 
 def schedule_for(cfg: Config, plan: BatchPlan, total: int) -> Schedule:
     """The lr schedule of the run, durations converted through the plan; ConfigError when impossible."""
     o = cfg.optim
     peak = lr_info(cfg, plan)["scaled_lr"]
-    warmup = plan.iterations_in(o.warmup or 0)
-    if warmup > total:
-        raise ConfigError(f"optim.warmup {o.warmup!r} is {warmup} iterations, longer than the run of {total} "
-                          f"iterations; use a warmup of at most {total} iterations")
+    warmup, _ = warmup_iterations(cfg, plan, total)  # a warmup longer than the run lasts the run (with a note)
+    milestones, _ = milestone_iterations(cfg, plan, total)
     try:
         return Schedule(peak_lr=peak, total_iterations=total, warmup_iterations=warmup,
-                        warmup_start_factor=o.warmup_start_factor, decay=o.schedule,
-                        step_milestones=tuple(plan.iterations_in(m) for m in o.step_milestones),
+                        warmup_start_factor=o.warmup_start_factor, decay=o.schedule, step_milestones=milestones,
                         step_gamma=o.step_gamma, min_lr=min(o.min_lr, peak))
     except ValueError as err:
         raise ConfigError(f"optim: {err}") from None

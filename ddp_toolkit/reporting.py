@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ddp_toolkit import plan_report
 from ddp_toolkit.errors import InputError
 from ddp_toolkit.plan import BatchPlan
 from ddp_toolkit.rundir import append_line, atomic_path, atomic_write, describe_os_error
@@ -30,82 +31,6 @@ def _fmt(x: float) -> str:
     if isinstance(x, float) and not x.is_integer():
         return f"{x:.6g}"
     return f"{int(x):,}" if isinstance(x, (int, float)) else str(x)
-
-
-def plan_rows(plan: BatchPlan, info: dict) -> list[tuple[str, str]]:
-    """(label, value) rows describing a plan, its run length and its lr scaling."""
-    rows = [
-        ("global batch", plan.describe()),
-        ("local batch (per device per iteration)", f"{plan.local_batch_size} = {plan.micro_batch_size} micro × "
-                                                   f"{plan.grad_accum_steps} accumulation"),
-        ("dataset size", _fmt(plan.dataset_size)),
-        ("iterations per epoch", _fmt(plan.iterations_per_epoch)),
-        ("micro_steps per epoch per rank", _fmt(plan.micro_steps_per_epoch_per_rank)),
-    ]
-    if plan.drop_last:
-        rows.append(("samples dropped per epoch", _fmt(plan.dropped_samples_per_epoch)))
-    else:
-        split = plan.last_batch_split
-        rows.append(("last global batch", f"{plan.last_batch_size} samples "
-                                          f"(per micro_step × rank: {split})"
-                     if plan.last_batch_size != plan.global_batch_size else f"{plan.last_batch_size} (full)"))
-    if "total_iterations" in info:
-        rows.append(("run length", f"{_fmt(info['total_iterations'])} iterations = "
-                                   f"{_fmt(info['epochs'])} epochs = {_fmt(info['total_samples'])} samples"))
-    if "scaled_lr" in info:
-        rows.append(("learning rate", f"{_fmt(info['base_lr'])} at batch {info['base_batch_size']} → "
-                                      f"{_fmt(info['scaled_lr'])} at batch {plan.global_batch_size} "
-                                      f"({info['lr_rule']} rule)"))
-    if info.get("warmup_iterations"):
-        rows.append(("warmup", f"{info['warmup_iterations']} iterations = "
-                               f"{_fmt(plan.epochs_for(info['warmup_iterations']))} epochs"))
-    for key in ("engine", "backend", "launcher", "precision"):
-        if key in info:
-            rows.append((key, str(info[key])))
-    return rows
-
-
-def print_plan_table(plan: BatchPlan, info: dict, console: Console | None = None) -> None:
-    """The plan as a two-column table (plain text when stdout is not a terminal)."""
-    console = console or make_console()
-    table = Table(title="batch plan", show_header=False, box=None)
-    table.add_column("what", style="bold")
-    table.add_column("value")
-    for label, value in plan_rows(plan, info):
-        table.add_row(label, value)
-    console.print(table)
-
-
-def explain_plan(plan: BatchPlan, info: dict) -> str:
-    """The plan in plain sentences: the questions newcomers ask about batches, iterations and epochs."""
-    n, B, ipe = plan.dataset_size, plan.global_batch_size, plan.iterations_per_epoch
-    total, epochs = info["total_iterations"], info["epochs"]
-    lines = [
-        f"Each iteration (one optimizer step, one weight update, one gradient all-reduce) uses a global "
-        f"batch of {B} samples: {plan.micro_batch_size} samples per forward pass (micro_batch_size) × "
-        f"{plan.world_size} devices (world_size) × {plan.grad_accum_steps} accumulation steps "
-        f"(grad_accum_steps). Each device processes {plan.local_batch_size} samples per iteration "
-        f"(local_batch_size).",
-    ]
-    if plan.drop_last:
-        lines.append(f"One epoch is one pass over the {n} samples: {n} / {B} = {ipe} full batches, so "
-                     f"{ipe} iterations per epoch = {ipe} weight updates per epoch; the last "
-                     f"{plan.dropped_samples_per_epoch} samples of each shuffled epoch are dropped.")
-    elif plan.last_batch_size != B:
-        lines.append(f"One epoch is one pass over the {n} samples: {ipe - 1} full batches of {B} and a last "
-                     f"batch of {plan.last_batch_size}, so {ipe} iterations per epoch = {ipe} weight updates "
-                     f"per epoch (the last one averages the gradient over its {plan.last_batch_size} samples).")
-    else:
-        lines.append(f"One epoch is one pass over the {n} samples: {n} / {B} = {ipe} batches, so {ipe} "
-                     f"iterations per epoch = {ipe} weight updates per epoch.")
-    lines.append(f"The run is {_fmt(total)} iterations = {_fmt(epochs)} epochs = {_fmt(total)} weight "
-                 f"updates, seeing {_fmt(info['total_samples'])} samples in all.")
-    lines.append(f"Conversions: {plan.iterations_for(1)} iterations = 1 epoch; 1 iteration = "
-                 f"{_fmt(plan.epochs_for(1))} epochs; iterations = epochs × {ipe}.")
-    if "scaled_lr" in info:
-        lines.append(f"Learning rate: {_fmt(info['base_lr'])} was tuned at batch {info['base_batch_size']}; "
-                     f"the {info['lr_rule']} rule gives {_fmt(info['scaled_lr'])} at batch {B}.")
-    return "\n".join(lines)
 
 
 # ---- live reports during training (rank 0 only) ------------------------------------------------------------
@@ -147,7 +72,7 @@ class Reporter:
         self.info, self.total = info, total_iterations
         atomic_write(self.run_dir / "plan.json", json.dumps(info, indent=2) + "\n")
         if self.cfg.report.console:
-            print_plan_table(self.plan, info, self.console)
+            plan_report.print_plan_table(self.plan, info, console=self.console)
             if "resumed_from" in info:
                 self.console.print(f"resumed from checkpoint {info['resumed_from']} at iteration "
                                    f"{progress.iteration}")

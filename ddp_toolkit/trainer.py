@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ddp_toolkit import plan_report
 from ddp_toolkit.batches import batch_as_is, empty_like, to_device
 from ddp_toolkit.config import Config
 from ddp_toolkit.dist import DistEnv, all_reduce_sum, distributed
@@ -30,7 +31,15 @@ from ddp_toolkit.lr import build_scheduler
 from ddp_toolkit.metrics import IterationResult, MetricsLogger, ScalarReduce, optimizer_hparams
 from ddp_toolkit.noise_scale import NoiseMeter, NoiseScaleEstimator
 from ddp_toolkit.progress import Progress
-from ddp_toolkit.recipe import fingerprint, lr_info, make_optimizer, plan_for, preflight, schedule_for
+from ddp_toolkit.recipe import (
+    fingerprint,
+    lr_info,
+    make_optimizer,
+    plan_for,
+    preflight,
+    schedule_for,
+    schedule_notes,
+)
 from ddp_toolkit.recipe import train_from_config as train_from_config
 from ddp_toolkit.reporting import Reporter, write_final_weights
 from ddp_toolkit.rundir import RunDirLock, archive_previous_run, check_writable
@@ -131,6 +140,8 @@ class Trainer:
             resumed = self._resume_or_start_fresh()
             self.reporter.truncate_after(self.progress.iteration)  # rows after the checkpoint are redone
             self.reporter.start(self._plan_info(resumed), self.progress, self.total_iterations)
+            for note in schedule_notes(self.cfg, self.plan, self.total_iterations):
+                self.reporter.warn(note)
             self.stop_vote.install()
             self._run()
         finally:
@@ -327,9 +338,7 @@ class Trainer:
         self.engine.barrier()
 
     def _plan_info(self, resumed: Path | None) -> dict:
-        info = {**self.plan.to_dict(), **self.lr_info(), "total_iterations": self.total_iterations,
-                "epochs": self.plan.epochs_for(self.total_iterations),
-                "total_samples": self.plan.samples_for(self.total_iterations),
+        info = {**plan_report.plan_info(self.cfg, self.plan), "total_iterations": self.total_iterations,
                 "warmup_iterations": self.schedule.warmup_iterations, "engine": self.engine.name,
                 "backend": self.env.backend if self.env.is_distributed else "none",
                 "launcher": self.env.describe_launcher(), "seed": self.cfg.train.seed}

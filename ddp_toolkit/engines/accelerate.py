@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ddp_toolkit.config import ConfigError
 from ddp_toolkit.engines.base import Engine
-from ddp_toolkit.engines.ddp import HookState, counting_allreduce_hook
+from ddp_toolkit.engines.ddp import HookNormsMixin, HookState, counting_allreduce_hook
 
 __all__ = ["AccelerateEngine", "mixed_precision_for"]
 
@@ -35,7 +35,7 @@ def mixed_precision_for(launched: str | None, precision: str) -> str:
     return "bf16" if "bf16" in (launched, precision) else "no"
 
 
-class AccelerateEngine(Engine):
+class AccelerateEngine(HookNormsMixin, Engine):
     """`Accelerator` wrapping our model and optimizer; everything else (data, schedule, loss weighting) is ours."""
 
     name = "accelerate"
@@ -73,13 +73,6 @@ class AccelerateEngine(Engine):
     @property
     def supports_norm_measurement(self) -> bool:
         return isinstance(self.model, DistributedDataParallel)
-
-    def measure_norms(self, enabled: bool) -> None:
-        self.hook_state.measure_norms = enabled
-        self.hook_state.reset_norms()
-
-    def measured_norms(self) -> tuple[float, float] | None:
-        return self.hook_state.norms() if self.hook_state.measure_norms else None
 
     def sync_context(self, sync: bool) -> contextlib.AbstractContextManager:
         if sync:

@@ -57,7 +57,20 @@ def counting_allreduce_hook(state: HookState, bucket: dist.GradBucket) -> torch.
     return default_hooks.allreduce_hook(state.process_group, bucket).then(record)
 
 
-class DDPEngine(Engine):
+class HookNormsMixin:
+    """Noise-scale norms from the counting hook, for engines whose model is a torch DDP (`self.hook_state`)."""
+
+    hook_state: HookState
+
+    def measure_norms(self, enabled: bool) -> None:
+        self.hook_state.measure_norms = enabled
+        self.hook_state.reset_norms()
+
+    def measured_norms(self) -> tuple[float, float] | None:
+        return self.hook_state.norms() if self.hook_state.measure_norms else None
+
+
+class DDPEngine(HookNormsMixin, Engine):
     """The default engine: torch DDP when W > 1, the bare model when W = 1."""
 
     name = "ddp"
@@ -79,13 +92,6 @@ class DDPEngine(Engine):
                                             find_unused_parameters=self.find_unused_parameters)
             model.register_comm_hook(self.hook_state, counting_allreduce_hook)
         self.model, self.optimizer = model, optimizer
-
-    def measure_norms(self, enabled: bool) -> None:
-        self.hook_state.measure_norms = enabled
-        self.hook_state.reset_norms()
-
-    def measured_norms(self) -> tuple[float, float] | None:
-        return self.hook_state.norms() if self.hook_state.measure_norms else None
 
     def sync_context(self, sync: bool) -> contextlib.AbstractContextManager:
         if self.env.is_distributed and not sync:

@@ -329,11 +329,11 @@ def test_cli_submit_writes_script_and_config_copy_and_prints_the_job_id(
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["--nproc-per-node", "0"], "nproc_per_node=0"),
+    (["--nproc-per-node", "0"], "--nproc-per-node: must be an integer in [1, 1024]"),
     (["--signal", "USR1@90"], "'B:"),
     (["--nodes", "3"], "global_batch_size 32 is not divisible by micro_batch_size 4 × world_size 3"),
     (["optim.nope=1"], "optim.nope"),
-    (["--nodes", "x"], "invalid int value"),
+    (["--nodes", "x"], "--nodes: must be an integer"),
 ])
 def test_cli_submit_rejects_bad_input_in_one_line(tiny_config: Path, capsys, argv: list[str], message: str) -> None:
     code, out, err = run_cli(capsys, "slurm", "submit", str(tiny_config), "--dry-run", *argv)
