@@ -11,8 +11,9 @@ What `launch` adds to torchrun:
 - A dead agent. Workers watch their parent (`dist.watch_launcher`); on Linux `launch` also adopts them
   (a child subreaper) and waits until they are gone, then exits 128 + the agent's signal with one line.
 - A single node meets without any TCP socket on a non-loopback address: torch's TCPStore server always binds
-  the wildcard address, so the rendezvous uses a file store in a private temporary directory, and the workers'
-  process-group store (dist.py) and gloo listen on the loopback interface.
+  the wildcard address, so the rendezvous uses a file store in a private temporary directory (the agent
+  listens on nothing), and the workers' process-group store (dist.py) and gloo listen on the loopback
+  interface. NCCL's own bootstrap socket (GPU runs) is not covered: set NCCL_SOCKET_IFNAME for that.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ __all__ = ["LOOPBACK", "AgentDied", "agent_env", "free_port", "launch", "torchru
 
 LOOPBACK = "127.0.0.1"
 ENTRY_SCRIPT = Path(__file__).resolve().parent.parent / "launch" / "train.py"
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
 STOP_TIMEOUT_S = 300.0
 """After a stop request, how long the workers get to checkpoint before the agent is told to stop them."""
 ORPHAN_WAIT_S = 40.0
@@ -94,7 +95,7 @@ def torchrun_command(target: Sequence[str], *, nproc_per_node: int, nnodes: str 
 
 def agent_env(base: Mapping[str, str], run_dir: str | Path, *, single_node: bool) -> dict[str, str]:
     """The agent's environment: one thread per worker, the preemption flag file, and on one node the
-    variables that keep every listening socket on the loopback interface."""
+    variables that keep the stores and gloo on the loopback interface (values already set are kept)."""
     env = dict(base)
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault(PREEMPT_ENV, str(Path(run_dir).absolute() / PREEMPT_FILE_NAME))
