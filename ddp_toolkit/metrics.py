@@ -1,7 +1,8 @@
 """What one iteration measured, the one scalar all-reduce of an iteration, and the metrics logger.
 
-`ScalarReduce`: components that need a global sum (the logged loss, the stop vote, the noise scale's small-
-batch norm) add a named float; the trainer runs at most one all-reduce per iteration for all of them.
+`ScalarReduce`: components that need a global sum read on the host (the logged loss, the stop vote) add a
+named float; the trainer runs at most one such all-reduce per iteration for all of them (the noise scale's
+norms are summed on the device and read only on logged iterations).
 `MetricsLogger` owns the logging cadence, the throughput window and the metrics row; the learning rate and
 momentum/betas in a row are read from the optimizer, so the metrics are evidence of what was used.
 """

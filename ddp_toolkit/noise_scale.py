@@ -20,6 +20,7 @@ Pitfalls:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["NoiseScaleEstimator", "unbiased_estimates"]
@@ -106,21 +107,24 @@ class NoiseScaleEstimator:
 
 
 class NoiseMeter:
-    """Feeds a `NoiseScaleEstimator` from a running loop, full global batches only.
+    """Feeds a `NoiseScaleEstimator` from a running loop, full global batches only, with no host synchronisation.
 
     Two sources. Across ranks (W ≥ 2, an engine that measures norms in its gradient sync): the mean over ranks
-    of the local squared norms (b·k samples each; the mean rides on the iteration's scalar all-reduce) against
-    the synced one (B). Across micro-batches (W = 1, k ≥ 2): the gradient after the first micro-step (its items)
-    against the whole iteration's (all items). The engine is any object with `supports_norm_measurement`,
-    `measure_norms(on)`, `measured_norms()` and `grad_norm()`.
+    of the local squared norms (b·k samples each) against the synced one (B). Across micro-batches (W = 1,
+    k ≥ 2): the gradient after the first micro-step (its items) against the whole iteration's (all items).
+    The norms stay on the device (tensors, summed over ranks by `reduce_sum` without being read) and are read
+    in order by `flush()` — on logged iterations and before a checkpoint — so the estimator sees exactly the
+    same sequence as if each were read at once. The engine is any object with `supports_norm_measurement`,
+    `measure_norms(on)`, `measured_norms()` and `grad_norm()`; it is the stateful part a checkpoint saves.
     """
 
     def __init__(self, estimator: NoiseScaleEstimator, engine: Any, *, world_size: int, local_batch_size: int,
-                 global_batch_size: int, grad_accum_steps: int) -> None:
-        self.estimator, self.engine, self.world_size = estimator, engine, world_size
+                 global_batch_size: int, grad_accum_steps: int, reduce_sum: Callable[[Any], Any]) -> None:
+        self.estimator, self.engine, self.world_size, self.reduce_sum = estimator, engine, world_size, reduce_sum
         self.local_batch_size, self.global_batch_size, self.k = local_batch_size, global_batch_size, grad_accum_steps
         self.by_ranks = self.by_micro_batches = False
-        self._first_sq: float | None = None
+        self._first_sq: Any = None
+        self._pending: list[tuple[Any, Any, float, float]] = []
 
     def begin(self, samples: int) -> None:
         """Decide how this iteration is measured (a short last batch is not)."""
@@ -132,25 +136,36 @@ class NoiseMeter:
 
     def after_micro_step(self, micro_step: int) -> None:
         if self.by_micro_batches and micro_step == 0:
-            self._first_sq = float(self.engine.grad_norm()) ** 2
+            self._first_sq = self.engine.grad_norm() ** 2
 
-    def reduce_value(self) -> float | None:
-        """This rank's local squared norm, to be summed over ranks, or None when not measuring by ranks."""
-        norms = self.engine.measured_norms() if self.by_ranks else None
-        return None if norms is None else norms[0]
-
-    def finish(self, local_sq_sum: float | None, grad_norm: float, first_items: int, items: int) -> None:
-        """Feed the estimator; every rank calls it with the same reduced values, so every rank agrees."""
-        if self.by_ranks and local_sq_sum is not None:
-            small = local_sq_sum / self.world_size
-            big = self.engine.measured_norms()[1]
-            b_small, b_big = self.local_batch_size, self.global_batch_size
-        elif self.by_micro_batches and self._first_sq is not None:
+    def after_sync(self, grad_norm: Any, first_items: int, items: int) -> None:
+        """Queue this iteration's pair of norms (every rank calls this: the rank sum is a collective)."""
+        if self.by_ranks:
+            local_sq, global_sq = self.engine.measured_norms()
+            self._pending.append((self.reduce_sum(local_sq) / self.world_size, global_sq, self.local_batch_size,
+                                  self.global_batch_size))
+        elif self.by_micro_batches and self._first_sq is not None and first_items:
             # the loss is divided by the iteration's items, so after micro-step 0 the gradient is
             # (first_items / items) · G_small
-            small = self._first_sq * (items / first_items) ** 2 if first_items else math.nan
-            big, b_small, b_big = grad_norm**2, first_items, items
-        else:
-            return
-        if math.isfinite(small) and math.isfinite(big):
-            self.estimator.update(small, big, b_small, b_big)
+            self._pending.append((self._first_sq * (items / first_items) ** 2, grad_norm**2, first_items, items))
+
+    def flush(self) -> None:
+        """Read the queued norms (one host synchronisation for all of them) and feed the estimator in order."""
+        pending, self._pending = self._pending, []
+        for small, big, b_small, b_big in pending:
+            small, big = float(small), float(big)
+            if math.isfinite(small) and math.isfinite(big):  # a non-finite iteration (on_nonfinite=skip) is left out
+                self.estimator.update(small, big, b_small, b_big)
+
+    @property
+    def noise_scale(self) -> float | None:
+        self.flush()
+        return self.estimator.noise_scale
+
+    def state_dict(self) -> dict[str, Any]:
+        self.flush()
+        return self.estimator.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._pending.clear()
+        self.estimator.load_state_dict(state)

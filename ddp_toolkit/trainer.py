@@ -51,6 +51,14 @@ from ddp_toolkit.stopping import StopVote
 __all__ = ["Trainer", "TrainingStopped", "default_loss", "preflight", "train_from_config"]
 
 
+def _sum_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """A device tensor summed over ranks, not read on the host."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+    return value
+
+
 class TrainingStopped(RunError):
     """Training ended early on purpose (non-finite loss with on_nonfinite=stop); the message says where."""
 
@@ -108,13 +116,15 @@ class Trainer:
         self.noise = NoiseScaleEstimator() if cfg.train.noise_scale else None
         self.noise_meter = None if self.noise is None else NoiseMeter(
             self.noise, self.engine, world_size=env.world_size, local_batch_size=plan.local_batch_size,
-            global_batch_size=plan.global_batch_size, grad_accum_steps=plan.grad_accum_steps)
+            global_batch_size=plan.global_batch_size, grad_accum_steps=plan.grad_accum_steps,
+            reduce_sum=_sum_over_ranks)
         self.reporter = Reporter(cfg, env, plan, enabled=env.is_main)
         self.metrics = MetricsLogger(self.reporter, plan, self.progress, cfg.train.log_every)
         self.stop_vote = StopVote(self.run_dir, is_main=env.is_main)
+        self._deferred_vote: torch.Tensor | None = None
         states = {"scheduler": self.scheduler, "progress": self.progress}
-        if self.noise is not None:
-            states["noise"] = self.noise
+        if self.noise_meter is not None:
+            states["noise"] = self.noise_meter  # flushes its queued norms before saving
         self.checkpoints = CheckpointManager(
             self.run_dir / "checkpoints", engine_state=EngineState(self.engine), states=states,
             fingerprint=fingerprint(cfg, plan, self.schedule), rank=env.rank, barrier=self.engine.barrier,
@@ -247,7 +257,12 @@ class Trainer:
         """(global gradient norm, whether the update was skipped); the norm read is the one host sync."""
         engine, clip = self.engine, self.cfg.optim.grad_clip
         total_norm = engine.grad_norm()
-        norm = float(total_norm)
+        if self._deferred_vote is not None:  # the stop vote rides on this read: one synchronisation for both
+            vote, self._deferred_vote = self._deferred_vote, None
+            norm, votes = torch.stack([total_norm.double().reshape(()).to(vote.device), vote.reshape(())]).tolist()
+            self.stop_vote.record(votes)
+        else:
+            norm = float(total_norm)
         skipped = not math.isfinite(norm)
         if skipped:
             self._nonfinite(norm)
@@ -267,31 +282,32 @@ class Trainer:
             return
         self.engine.zero_grad()
         self.checkpoints.save(self.progress.iteration)
-        raise TrainingStopped(f"non-finite gradient norm {norm} at iteration {it}; the last good state is "
-                              f"checkpointed at iteration {it - 1} (set train.on_nonfinite=skip to skip such "
-                              f"iterations)")
+        error = TrainingStopped(f"non-finite gradient norm {norm} at iteration {it}; the last good state is "
+                                f"checkpointed at iteration {it - 1} (set train.on_nonfinite=skip to skip such "
+                                f"iterations)")
+        self.summary = {"stopped": "non_finite", "iteration": it, "error": str(error)}
+        self.reporter.finish(self.summary)  # summary.json says why the run ended (sweeps read it)
+        raise error
 
-    # ---- the iteration's one scalar reduce: logged loss, stop vote, noise-scale norm --------------------
+    # ---- the iteration's one scalar reduce: logged loss and stop vote ---------------------------------------
     def _reduce_and_log(self, result: IterationResult, it: int, last: bool) -> None:
         logged = self.metrics.should_log(it, last)
+        if self.noise_meter is not None:  # queued on the device; read on logged iterations
+            self.noise_meter.after_sync(result.grad_norm, result.first_items, result.items)
         reduce = ScalarReduce()
         if logged:
             reduce.add("loss_sum", self.metrics.local_loss_sum(result))
-        if logged or self.stop_vote.due(it):
             reduce.add("stop", self.stop_vote.local_request())
-        local_sq = self.noise_meter.reduce_value() if self.noise_meter is not None else None
-        if local_sq is not None:
-            reduce.add("noise_local_sq", local_sq)
+        elif self.stop_vote.due(it):  # summed now on the device, read with the next iteration's gradient norm
+            request = torch.tensor([self.stop_vote.local_request()], dtype=torch.float64, device=self.env.device)
+            self._deferred_vote = _sum_over_ranks(request)
         reduced = reduce.run(self.env.device)
         if "stop" in reduced:
             self.stop_vote.record(reduced["stop"])
-        if self.noise_meter is not None:
-            self.noise_meter.finish(reduced.get("noise_local_sq"), result.grad_norm, result.first_items,
-                                    result.items)
         if logged:
             extra = {"tokens_seen": self.progress.items_seen} if self.step.item_name == "tokens" else {}
-            if self.noise is not None:
-                extra["grad_noise_scale"] = self.noise.noise_scale
+            if self.noise_meter is not None:
+                extra["grad_noise_scale"] = self.noise_meter.noise_scale
             self.metrics.log(result, reduced["loss_sum"], extra)
 
     # ---- evaluation, the end of the run ------------------------------------------------------------------

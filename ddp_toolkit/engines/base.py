@@ -70,8 +70,9 @@ class Engine(ABC):
     def measure_norms(self, enabled: bool) -> None:  # noqa: B027 - engines without the measurement ignore it
         """Measure (or not) the squared gradient norms during the next synced backward."""
 
-    def measured_norms(self) -> tuple[float, float] | None:
-        """(|local gradient|², |synced gradient|²) of the last synced backward, or None when not measured."""
+    def measured_norms(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(|local gradient|², |synced gradient|²) of the last synced backward as device tensors (not read), or
+        None when not measured."""
         return None
 
     def sync_context(self, sync: bool) -> contextlib.AbstractContextManager:

@@ -30,8 +30,9 @@ class HookState:
     def reset_norms(self) -> None:
         self.local_sq, self.global_sq = 0.0, 0.0
 
-    def norms(self) -> tuple[float, float]:
-        return float(self.local_sq), float(self.global_sq)
+    def norms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The squared norms as float64 tensors on the gradients' device (not read: no host synchronisation)."""
+        return torch.as_tensor(self.local_sq, dtype=torch.float64), torch.as_tensor(self.global_sq, dtype=torch.float64)
 
 
 def counting_allreduce_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -66,7 +67,7 @@ class HookNormsMixin:
         self.hook_state.measure_norms = enabled
         self.hook_state.reset_norms()
 
-    def measured_norms(self) -> tuple[float, float] | None:
+    def measured_norms(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         return self.hook_state.norms() if self.hook_state.measure_norms else None
 
 
