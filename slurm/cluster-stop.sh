@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Stop the test cluster started by slurm/cluster-start.sh DIR: slurmd, slurmctld, then munged,
-# each by its PID file in DIR. Jobs still running are killed with slurmd. Nothing in DIR is deleted
-# (job outputs, logs and the saved state stay for inspection).
+# Stop the test cluster started by slurm/cluster-start.sh DIR: every node's slurmd, slurmctld, then
+# munged, each by its PID file in DIR (slurmd-NODE.pid, one per node, whatever --nodes was). Jobs still
+# running are cancelled first. Nothing in DIR is deleted (job outputs, logs and the saved state stay for
+# inspection), nor the node names cluster-start.sh may have added to /etc/hosts.
 set -uo pipefail
 
 [ $# -eq 1 ] || { echo "usage: $0 DIR" >&2; exit 1; }
@@ -34,7 +35,11 @@ if [ -s "$DIR/slurmctld.pid" ] && kill -0 "$(cat "$DIR/slurmctld.pid")" 2>/dev/n
     fi
 fi
 
-stop slurmd "$DIR/slurmd.pid"
+for pidfile in "$DIR"/slurmd*.pid; do  # slurmd-NODE.pid; slurmd.pid from older versions of the script
+    [ -e "$pidfile" ] || continue
+    name="${pidfile##*/}"
+    stop "${name%.pid}" "$pidfile"
+done
 stop slurmctld "$DIR/slurmctld.pid"
 stop munged "$DIR/munge/munged.pid"
 echo "cluster-stop: stopped the cluster in $DIR" >&2

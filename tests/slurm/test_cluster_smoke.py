@@ -1,14 +1,16 @@
-"""Smoke tests on the real local SLURM cluster: submit, signal, requeue, and the rendered script's own
+"""Smoke tests on the real local SLURM cluster: two nodes, submit, signal, requeue, and the rendered script's own
 preemption loop (with a stub entry script standing in for the trainer)."""
 
 from __future__ import annotations
 
+import re
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
+from ddp_toolkit.cluster import expand_nodelist
 from ddp_toolkit.slurm import cancel, render_sbatch, requeue, write_and_submit
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(120)]
@@ -32,6 +34,32 @@ def test_two_task_job_completes(slurm_env, wait_for, tmp_path: Path) -> None:
     output = (run_dir / f"slurm-{job_id}.out").read_text()
     assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", output
     assert "task 0 of 2" in output and "task 1 of 2" in output
+
+
+def test_two_node_job_runs_one_task_on_each_node(slurm_env, wait_for, tmp_path: Path) -> None:
+    """cluster-start.sh --nodes 2: one slurmd per node, all on this host; every node name resolves here (a
+    job's first node name is its rendezvous address)."""
+    run_dir = tmp_path / "run"
+    script = textwrap.dedent(f"""\
+        #!/bin/bash
+        #SBATCH --job-name=two-nodes
+        #SBATCH --nodes={slurm_env.nodes}
+        #SBATCH --ntasks-per-node=1
+        #SBATCH --output={run_dir}/slurm-%j.out
+        for host in $(scontrol show hostnames "$SLURM_JOB_NODELIST"); do
+            getent hosts "$host" >/dev/null && echo "node $host resolves"
+        done
+        srun bash -c 'echo "task $SLURM_PROCID of $SLURM_NTASKS on node $SLURMD_NODENAME"'
+        """)
+    job_id = write_and_submit(script, run_dir)
+    state = wait_for(job_id, _state_is("COMPLETED", "FAILED", "CANCELLED"), "a final state")
+    output = (run_dir / f"slurm-{job_id}.out").read_text()
+    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", output
+    nodes = expand_nodelist(state["NodeList"])
+    assert len(set(nodes)) == slurm_env.nodes == 2, state["NodeList"]
+    assert sorted(re.findall(r"node (\S+) resolves", output)) == sorted(nodes), output
+    tasks = dict(re.findall(r"task (\d+) of 2 on node (\S+)", output))
+    assert sorted(tasks) == ["0", "1"] and sorted(tasks.values()) == sorted(nodes), output
 
 
 def test_signal_then_requeue_runs_the_job_again(slurm_env, wait_for, tmp_path: Path) -> None:
