@@ -61,16 +61,20 @@ def check_run_dir(run_dir: str) -> None:
 
 
 def _add_launch(sub: argparse._SubParsersAction) -> None:
+    from ddp_toolkit.cli_types import Endpoint, NodeRange, Number
+
     p = sub.add_parser("launch", help="start workers with torch's elastic launcher (torchrun)")
-    p.add_argument("--nproc-per-node", type=int, default=2, help="workers on this node (default 2)")
-    p.add_argument("--nnodes", default="1", help="nodes, or MIN:MAX for elastic jobs")
-    p.add_argument("--node-rank", type=int, default=None, help="this node's rank (static rendezvous)")
-    p.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of the c10d rendezvous of several nodes "
-                   "(default: one node, rendezvous through a private file, every socket on loopback)")
-    p.add_argument("--rdzv-id", default=None, help="job id shared by all nodes")
-    p.add_argument("--max-restarts", type=int, default=0, help="restart the worker group this many times")
-    p.add_argument("--stop-timeout-s", type=float, default=300, help="after SIGTERM/SIGINT, seconds the workers "
-                   "get to checkpoint before the agent is stopped (default 300)")
+    p.add_argument("--nproc-per-node", type=Count(1, 1024), default=2, help="workers on this node (default 2)")
+    p.add_argument("--nnodes", type=NodeRange(), default="1", help="nodes, or MIN:MAX for elastic jobs")
+    p.add_argument("--node-rank", type=Count(0, 100_000), default=None, help="this node's rank (static rendezvous)")
+    p.add_argument("--rdzv-endpoint", type=Endpoint(), default=None, help="HOST:PORT of the c10d rendezvous of "
+                   "several nodes (default: one node, rendezvous through a private file, stores on loopback)")
+    p.add_argument("--rdzv-id", type=OneLine(256, r"[\w.\-]+", "an id of letters, digits, '_', '.' or '-'"),
+                   default=None, help="job id shared by all nodes")
+    p.add_argument("--max-restarts", type=Count(0, 1_000_000), default=0,
+                   help="restart the worker group this many times")
+    p.add_argument("--stop-timeout-s", type=Number(), default=300, help="after SIGTERM/SIGINT, seconds the "
+                   "workers get to checkpoint before the agent is stopped (default 300)")
     p.epilog = ("SIGTERM or Ctrl-C: the workers checkpoint after the current iteration and stop; exit code "
                 "128 + the signal (143, 130). A second signal stops the agent at once.")
     _add_config_args(p)
@@ -91,8 +95,6 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     from ddp_toolkit.launcher import launch, train_target
     from ddp_toolkit.trainer import preflight
 
-    if args.nproc_per_node < 1:
-        raise UsageError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
     cfg = load_config(args.config, args.overrides)  # fail fast, once, before any worker starts
     check_run_dir(cfg.run_dir)
     if args.nnodes.isdigit():
