@@ -83,14 +83,3 @@ def test_checkpoint_from_another_model_shape(config, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr
     assert "does not fit this model" in lines[0] or "belongs to a different run: model.hidden" in lines[0]
-
-
-def test_launch_rendezvous_listens_on_loopback():
-    from argparse import Namespace
-
-    from ddp_toolkit.cli import launch_command
-
-    cmd = launch_command(Namespace(rdzv_endpoint=None, nproc_per_node=2, nnodes="1", max_restarts=0, rdzv_id=None,
-                                   node_rank=None, config="c.yaml", overrides=[]))
-    assert any(a.startswith("--rdzv-endpoint=127.0.0.1:") for a in cmd)
-    assert "--local-addr=127.0.0.1" in cmd
