@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -26,11 +26,7 @@ __all__ = [
     "build_scheduler",
 ]
 
-ScalingRule = Literal["none", "linear", "sqrt", "adam_sqrt"]
-Decay = Literal["constant", "cosine", "step"]
-
-SCALING_RULES: tuple[str, ...] = get_args(ScalingRule)
-DECAYS: tuple[str, ...] = get_args(Decay)
+from ddp_toolkit.names import DECAYS, SCALING_RULES, Decay, ScalingRule  # noqa: E402 - declared once there
 
 
 def _check_positive(name: str, value: float) -> None:

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 
+from ddp_toolkit.names import OPTIMIZERS, OptimizerName
+
 __all__ = ["OPTIMIZERS", "OptimizerName", "build_optimizer"]
 
-OptimizerName = Literal["sgd", "adam", "adamw", "lars", "lamb"]
-OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
+
 
 Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 

@@ -1,20 +1,18 @@
-"""Gradient-sync engines: torch DDP (default), Accelerate, DeepSpeed — one small interface.
+"""Gradient-sync engines: torch DDP (default), FSDP2, Accelerate, DeepSpeed — one small interface.
 
-Each list of names is declared once: `ENGINE_NAMES` derives from `EngineName`, which the config uses.
+Each list of names is declared once: `EngineName` lives in names.py, which the config uses too.
 """
 
 from __future__ import annotations
 
-from typing import Literal, get_args
-
 from ddp_toolkit.dist import DistEnv
 from ddp_toolkit.engines.base import CommStats, Engine
+from ddp_toolkit.names import ENGINES, EngineName
 from ddp_toolkit.plan import BatchPlan
 
 __all__ = ["CommStats", "ENGINE_NAMES", "Engine", "EngineName", "build_engine", "resolve_engine"]
 
-EngineName = Literal["auto", "ddp", "accelerate", "deepspeed"]
-ENGINE_NAMES: tuple[str, ...] = get_args(EngineName)
+ENGINE_NAMES = ENGINES  # declared once, in names.py (torch-free, so config.py can use it)
 
 
 def resolve_engine(requested: str, env: DistEnv, deepspeed_config: str | None = None) -> str:
@@ -34,6 +32,10 @@ def engine_class(name: str) -> type[Engine]:
         from ddp_toolkit.engines.ddp import DDPEngine
 
         return DDPEngine
+    if name == "fsdp":
+        from ddp_toolkit.engines.fsdp import FSDPEngine
+
+        return FSDPEngine
     if name == "accelerate":
         from ddp_toolkit.engines.accelerate import AccelerateEngine
 

@@ -10,6 +10,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ddp_toolkit.config import Config, ConfigError, load_raw, validate
+from ddp_toolkit.names import OptimizerName, ScalingRule
 from ddp_toolkit.plan import BatchPlan, parse_duration
 
 __all__ = ["METRICS", "Metric", "RuleSpec", "SweepSpec", "Sweep", "sweep_from_dict", "load_sweep",
@@ -49,12 +50,12 @@ class RuleSpec(_Model):
 
     name: str = Field(min_length=1)
     """Label in tables and plots."""
-    lr_scaling: Literal["none", "linear", "sqrt", "adam_sqrt"] = "none"
+    lr_scaling: ScalingRule = "none"
     warmup: str | int = 0
     """Gradual warmup (`20000sp`, `2ep`, `100it`); samples or epochs keep the same share of every run."""
     warmup_start: float | Literal["base"] = "base"
     """First warmup step's fraction of the scaled lr; `base` starts at the unscaled lr (Goyal et al.)."""
-    optimizer: Literal["sgd", "adam", "adamw", "lars", "lamb"] | None = None
+    optimizer: OptimizerName | None = None
     """Optimizer of this rule (default: the base config's)."""
     lr: float | None = Field(None, gt=0)
     """Base lr at B_ref for this rule (e.g. LARS, whose trust ratio needs a larger one); default: tuned."""
