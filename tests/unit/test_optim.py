@@ -38,7 +38,7 @@ def _assert_close(model: torch.nn.Linear, expected: dict[str, torch.Tensor]) -> 
 
 # ---- factory ----------------------------------------------------------------------------------------
 def test_unknown_name_lists_choices() -> None:
-    with pytest.raises(ValueError, match=r"'rmsprop'.*sgd, adamw, adam, lars, lamb"):
+    with pytest.raises(ValueError, match=r"'rmsprop'.*sgd, adam, adamw, lars, lamb"):
         build_optimizer(_model().parameters(), "rmsprop", lr=0.1)
 
 
