@@ -94,6 +94,8 @@ class _Counter:
 
 
 class _FakeEngineState:
+    sharded = False
+
     def __init__(self) -> None:
         self.weights = {"w": torch.arange(4.0)}
         self.optim = {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]}
