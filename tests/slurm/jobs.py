@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,8 @@ import torch
 from tests.distributed.harness import REPO, final_weights, metrics
 
 ITERATIONS = 100  # 10 epochs of 10 iterations of 2 micro-batches per worker (world size 2)
+STOP_LINE = re.compile(r"stop requested \((PREEMPT file|SIGTERM)\)[^\n]*?checkpoint (it(\d+))")
+"""The trainer's line when it stops early: why (flag file or signal), the checkpoint, its iteration."""
 
 
 def job_env(extra: dict[str, str] | None = None) -> dict[str, str]:

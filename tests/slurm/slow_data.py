@@ -23,6 +23,9 @@ job trains before its warning; after a requeue (SLURM_RESTART_COUNT > 0), SECOND
 SLOWEST_SECONDS_PER_FETCH = 1.0
 """slowest_synthetic: 100 iterations take over 200 s: a 1-minute job is killed long before the end."""
 SIZE = 160
+SECONDS_ENV = "SLOW_DATA_SECONDS_PER_FETCH"
+"""When set (sbatch passes the submitter's environment on), every factory here sleeps this long instead: the same
+config, e.g. resubmitted after a time limit, can run fast without counting as a changed config."""
 
 
 class SlowData(Dataset):
@@ -46,6 +49,7 @@ class SlowData(Dataset):
 def _synthetic(seconds_per_fetch: float) -> tuple[SlowData, None]:
     """SIZE samples, 8 features, 3 classes, already float64 (for a float64 model); no eval set."""
     train, _ = synthetic_classification(SIZE, 0, 8, 3, 0.5, 0)
+    seconds_per_fetch = float(os.environ.get(SECONDS_ENV) or seconds_per_fetch)
     return SlowData(train.x.double(), train.y, seconds_per_fetch), None
 
 

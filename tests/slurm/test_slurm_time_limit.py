@@ -20,18 +20,19 @@ import pytest
 from tests.distributed.harness import metrics
 from tests.slurm.jobs import (
     ITERATIONS,
+    STOP_LINE,
     assert_in_order,
     assert_same_run,
     finished,
     job_output,
     submit,
 )
+from tests.slurm.slow_data import SECONDS_ENV, SECONDS_PER_FETCH
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(480)]
 
 LEAD = "B:USR1@10"
 CHECKPOINT_EVERY = 5
-STOP = re.compile(r"stop requested \((PREEMPT file|SIGTERM)\): checkpoint (it\d+) written at iteration (\d+)")
 
 
 @pytest.fixture(scope="module")
@@ -74,17 +75,17 @@ def test_unwarned_job_is_killed_at_the_limit_and_not_requeued(slurm_env, wait_fo
     assert "got SIGUSR1" not in output and "requeueing" not in output, output
 
     logged = len(metrics(run_dir))
-    stop = STOP.search(output)
+    stop = STOP_LINE.search(output)
     assert stop and stop.group(1) == "SIGTERM", output
     saved = int(stop.group(3))
     assert saved == logged < ITERATIONS and logged >= CHECKPOINT_EVERY, (saved, logged)
     periodic = [CHECKPOINT_EVERY * (logged // CHECKPOINT_EVERY)] if logged % CHECKPOINT_EVERY else []
     kept = sorted(p.name for p in (run_dir / "checkpoints").glob("it*"))
     assert kept[-1] == f"it{saved:08d}" and all(f"it{i:08d}" in kept for i in periodic), kept
-    assert not (run_dir / "final").exists()
+    assert not (run_dir / "final" / "model.safetensors").exists()
 
-    # Resubmitting (faster data, same numbers) continues from the SIGTERM checkpoint and ends bit-exact.
-    again = submit(train_configs["slow"], run_dir)
+    # Submitting the same config again (its data sped up) continues from the SIGTERM checkpoint, bit-exact.
+    again = submit(train_configs["slowest"], run_dir, env={SECONDS_ENV: str(SECONDS_PER_FETCH)})
     state = wait_for(again, finished, "the resubmitted job finished", timeout_s=120)
     assert (state["JobState"], state["ExitCode"]) == ("COMPLETED", "0:0"), job_output(run_dir, again)
     assert json.loads((run_dir / "plan.json").read_text())["resumed_from"] == f"it{saved:08d}"
@@ -107,7 +108,7 @@ def test_warned_job_checkpoints_requeues_and_finishes_bit_exact(slurm_env, wait_
 
     stopped_at = []
     for number, run in enumerate(runs[:-1]):
-        stop = STOP.search(run)
+        stop = STOP_LINE.search(run)
         assert stop and stop.group(1) == "PREEMPT file", run
         assert_in_order(run, [f"restart {number} on", "got SIGUSR1", stop.group(0), "srun exited with 0",
                               f"requeueing job {job}"])

@@ -10,7 +10,6 @@ from the checkpoint and still end bit-identical. The data set sleeps a fixed tim
 from __future__ import annotations
 
 import json
-import re
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,6 +20,7 @@ from ddp_toolkit.cluster import expand_nodelist
 from ddp_toolkit.slurm import cancel
 from tests.slurm.jobs import (
     ITERATIONS,
+    STOP_LINE,
     assert_in_order,
     assert_same_run,
     cli,
@@ -72,23 +72,42 @@ def test_both_launch_modes_on_one_and_two_nodes_match_torchrun(slurm_env, wait_f
         assert_same_run(run_dir, reference_dir)
 
 
-@pytest.mark.parametrize("nodes", [1, 2], ids=["one-node", "two-nodes"])
-def test_preempted_job_checkpoints_requeues_and_resumes_bit_exact(nodes, slurm_env, wait_for, train_configs,
-                                                                  reference, tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    job = submit(train_configs["slow"], run_dir, nodes=nodes, nproc_per_node=WORLD_SIZE // nodes)
-    state = wait_for(job, lambda s: finished(s) or logged_iterations(run_dir) >= SIGNAL_AFTER,
-                     f"{SIGNAL_AFTER} iterations logged", timeout_s=120)
-    assert state["JobState"] == "RUNNING", job_output(run_dir, job)
-    cancel(job, "USR1")  # scancel --signal=USR1 --batch JOB: what --signal=B:USR1@90 does before the time limit
+def test_preempted_jobs_on_one_and_two_nodes_checkpoint_requeue_and_resume_bit_exact(
+        slurm_env, wait_for, train_configs, reference, tmp_path: Path) -> None:
+    """Two jobs side by side (one node × 2 workers, two nodes × 1 worker), each sent the warning signal by
+    hand once it has logged SIGNAL_AFTER iterations."""
+    def submit_on(nodes: int) -> int:
+        return submit(train_configs["slow"], tmp_path / f"{nodes}n", nodes=nodes, nproc_per_node=WORLD_SIZE // nodes)
+
+    with ThreadPoolExecutor(2) as pool:
+        jobs = dict(zip((1, 2), pool.map(submit_on, (1, 2)), strict=True))
+    signalled: set[int] = set()
+
+    def signal_when_due(_state: dict[str, str]) -> bool:
+        """Send USR1 to each job that has logged SIGNAL_AFTER iterations; done when every job has had it."""
+        for nodes, job in jobs.items():
+            logged = logged_iterations(tmp_path / f"{nodes}n")
+            if job not in signalled and logged >= SIGNAL_AFTER:
+                assert logged < ITERATIONS, f"job {job} finished before the signal"
+                cancel(job, "USR1")  # scancel --signal=USR1 --batch JOB: what --signal=B:USR1@90 does
+                signalled.add(job)
+        return len(signalled) == len(jobs)
+
+    wait_for(jobs[2], signal_when_due, f"{SIGNAL_AFTER} iterations logged by both jobs", timeout_s=150)
+    for nodes, job in jobs.items():
+        check_preempted_run(job, tmp_path / f"{nodes}n", nodes, wait_for, reference)
+
+
+def check_preempted_run(job: int, run_dir: Path, nodes: int, wait_for, reference) -> None:
+    """Stopped once after the warning with a checkpoint, requeued once, resumed from it, bit-exact."""
     state = wait_for(job, finished_after_restarts(1), "requeued run finished", timeout_s=150)
     output = job_output(run_dir, job)
     assert (state["JobState"], state["Restarts"], state["ExitCode"]) == ("COMPLETED", "1", "0:0"), output
     assert_ran_on(state, nodes)
 
-    stop = re.search(r"stop requested \(PREEMPT file\): checkpoint (it\d+) written at iteration (\d+)", output)
-    assert stop, output
-    checkpoint, stopped_at = stop.group(1), int(stop.group(2))
+    stop = STOP_LINE.search(output)
+    assert stop and stop.group(1) == "PREEMPT file", output
+    checkpoint, stopped_at = stop.group(2), int(stop.group(3))
     assert SIGNAL_AFTER <= stopped_at < ITERATIONS and (run_dir / "checkpoints" / checkpoint).is_dir()
     assert json.loads((run_dir / "plan.json").read_text())["resumed_from"] == checkpoint
     # one output file, appended to across the requeue, in this order
