@@ -107,20 +107,52 @@ def _cmd_launch(args: argparse.Namespace) -> int:
 
 # ---- report -------------------------------------------------------------------------------------------
 def _add_report(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="plot a run's metrics.jsonl to PNG and print its summary")
-    p.add_argument("run_dir", help="a run directory holding metrics.jsonl")
+    p = sub.add_parser("report", help="plot runs' metrics.jsonl to PNG (several runs overlaid) and print summaries",
+                       description="One run: PNGs into its run directory. Several runs: loss vs iterations and vs "
+                                   "samples seen, lr and throughput overlaid, one line per run labelled by its "
+                                   "global batch and lr rule, written to --out.")
+    p.add_argument("run_dirs", nargs="+", metavar="run_dir", help="run directories holding metrics.jsonl")
+    p.add_argument("--out", type=OneLine(4096), default=None,
+                   help="where the plots go (default: the run directory for one run, else report/ in the "
+                        "folder holding the runs)")
+    p.add_argument("--html", action="store_true",
+                   help="also write report.html: one self-contained page with the plots, plans and summaries")
     p.set_defaults(func=_cmd_report)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ddp_toolkit.reporting import report_run
+    from ddp_toolkit.report import report_runs
 
     try:
-        report_run(Path(args.run_dir))
+        report_runs([Path(d) for d in args.run_dirs], out=None if args.out is None else Path(args.out),
+                    html_page=args.html)
     except ValueError as err:
         raise UsageError(str(err)) from None
+    except OSError as err:  # an --out that cannot be created or written
+        raise UsageError(f"report: cannot write {shown(err.filename or args.out)}: {err.strerror}") from None
+    return 0
+
+
+# ---- export ---------------------------------------------------------------------------------------------
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a run's newest valid checkpoint (sharded or not) as one safetensors "
+                                      "file that loads into the plain model")
+    p.add_argument("run_dir", help="a run directory (its newest valid checkpoint) or one checkpoint directory")
+    p.add_argument("--out", type=OneLine(4096), default=None,
+                   help="the file to write (default: RUN_DIR/export/model.safetensors)")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ddp_toolkit.checkpoint import export_weights
+
+    used, out = export_weights(Path(args.run_dir), Path(args.out) if args.out else None)
+    print(f"exported {used} to {out}", file=sys.stderr)
+    print(out)
     return 0
 
 

@@ -247,13 +247,25 @@ class ReportConfig(_Section):
     jsonl: Bool = True
     """Write run_dir/metrics.jsonl."""
     wandb: Bool = False
-    """Log to Weights & Biases (needs the wandb extra)."""
+    """Log to Weights & Biases (needs the wandb extra); one wandb run per run_dir, resumed with the training."""
     wandb_project: Text = "ddp_toolkit"
     """wandb project name."""
+    tensorboard: Bool = False
+    """Write TensorBoard event files to run_dir/tensorboard (needs the tensorboard extra)."""
+    mlflow: Bool = False
+    """Log to MLflow (needs the mlflow extra); one MLflow run per run_dir, resumed with the training."""
+    mlflow_tracking_uri: PathText | None = None
+    """MLflow tracking URI (default: a SQLite store in run_dir/mlflow.db)."""
+    mlflow_experiment: Text = "ddp_toolkit"
+    """MLflow experiment name."""
     run_name: Text | None = None
-    """wandb run name (default: the name of run_dir)."""
+    """Tracker run name for wandb and MLflow (default: the name of run_dir)."""
     tags: list[Text] = Field(default_factory=list)
-    """wandb tags."""
+    """Tracker tags for wandb and MLflow."""
+    flops: Bool = True
+    """Count the FLOPs of one micro-step at the start; log flops_per_second (and mfu when the peak is known)."""
+    peak_flops: Float | None = Field(None, gt=0)
+    """Peak FLOP/s of one device for mfu (default: bf16 dense peak of a known GPU; none on CPU)."""
 
 
 class Config(_Section):

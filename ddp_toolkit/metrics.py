@@ -5,16 +5,25 @@ named float; the trainer runs at most one such all-reduce per iteration for all 
 norms are summed on the device and read only on logged iterations).
 `MetricsLogger` owns the logging cadence, the throughput window and the metrics row; the learning rate and
 momentum/betas in a row are read from the optimizer, so the metrics are evidence of what was used.
+Throughput: samples (and tokens) per second over the window since the last logged row; FLOP/s from the FLOPs
+of one micro-step counted once (flops.py) scaled by the items of the window; mfu against the peak of W devices.
+Time breakdown (host clocks of rank 0, no device sync): data wait, forward+backward, optimizer step of the
+logged iteration. On CUDA kernels run asynchronously, so queued compute is waited for in the optimizer step
+(the gradient-norm read); the gradient all-reduce overlaps the backward and is inside forward+backward (not
+measurable apart without a sync). Peak memory: CUDA max allocated, or the peak RSS of rank 0's process on CPU.
 """
 
 from __future__ import annotations
 
+import resource
+import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 
 from ddp_toolkit.dist import all_reduce_sum
+from ddp_toolkit.flops import count_micro_step_flops, peak_flops_of
 from ddp_toolkit.plan import BatchPlan
 from ddp_toolkit.progress import Progress
 
@@ -42,6 +51,12 @@ class IterationResult:
     seconds: float = 0.0
     first_items: int = 0
     """This rank's items in its first micro-batch (the noise scale's small batch when W = 1)."""
+    data_seconds: float = 0.0
+    """Host time waiting for this iteration's micro-batches (rank-local)."""
+    compute_seconds: float = 0.0
+    """Host time of the k forward+backward passes, the synced all-reduce included (rank-local)."""
+    step_seconds: float = 0.0
+    """Host time of the gradient norm, clipping, optimizer step, schedule and zero_grad (rank-local)."""
 
 
 def optimizer_hparams(optimizer: torch.optim.Optimizer) -> dict[str, float]:
@@ -78,13 +93,61 @@ class MetricsLogger:
 
     def __init__(self, reporter, plan: BatchPlan, progress: Progress, every: int) -> None:
         self.reporter, self.plan, self.progress, self.every = reporter, plan, progress, every
-        self._window_start, self._window_samples = time.perf_counter(), progress.samples_seen
+        report_cfg = getattr(getattr(reporter, "cfg", None), "report", None)
+        self.wants_flops = bool(getattr(reporter, "enabled", False) and getattr(report_cfg, "flops", False))
+        """True until the FLOPs of one micro-step are counted (rank 0 only: it alone writes rows)."""
+        self._peak_override = getattr(report_cfg, "peak_flops", None)
+        self.device = getattr(getattr(reporter, "env", None), "device", torch.device("cpu"))
+        self.flops_per_item: float | None = None
+        self.peak_flops: float | None = None
+        self.restart_window()
 
     def restart_window(self) -> None:
         self._window_start, self._window_samples = time.perf_counter(), self.progress.samples_seen
+        self._window_items = self.progress.items_seen
 
     def should_log(self, iteration: int, last: bool) -> bool:
         return last or iteration % self.every == 0
+
+    def count_flops(self, module: torch.nn.Module, step, micro_batches: list, counts: list[int]) -> None:
+        """FLOPs of the largest micro-batch (once, before its forward); a failure is one warning, no FLOP/s."""
+        m = max(range(len(counts)), key=counts.__getitem__)
+        if counts[m] == 0:
+            return  # an empty cell: try again next iteration
+        self.wants_flops = False
+        try:
+            self.flops_per_item = count_micro_step_flops(module, step, micro_batches[m]) / counts[m]
+        except Exception as err:  # a step or model that cannot run on meta tensors (data-dependent shapes)
+            self.reporter.warn(f"FLOPs not counted ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                               f"no flops_per_second or mfu (report.flops=false silences this)")
+            return
+        self.peak_flops = peak_flops_of(self.device, self._peak_override)
+
+    def _peak_memory_mib(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+    def _throughput(self, result: IterationResult, tokens: bool) -> dict:
+        """Rates over the window since the last logged row (samples, tokens, FLOPs) and mfu."""
+        now, p = time.perf_counter(), self.progress
+        seconds, self._window_start = now - self._window_start, now
+        samples, self._window_samples = p.samples_seen - self._window_samples, p.samples_seen
+        items, self._window_items = p.items_seen - self._window_items, p.items_seen
+
+        def rate(n: float) -> float | None:
+            return n / seconds if seconds > 0 else None
+
+        out = {"samples_per_second": rate(samples)}
+        if tokens:
+            out["tokens_per_second"] = rate(items)
+        if self.flops_per_item is not None:
+            flops_per_second = rate(self.flops_per_item * items)
+            out.update(flops_per_iteration=self.flops_per_item * result.items, flops_per_second=flops_per_second)
+            if self.peak_flops is not None and flops_per_second is not None:
+                out["mfu"] = flops_per_second / (self.peak_flops * self.plan.world_size)
+        return out
 
     @staticmethod
     def local_loss_sum(result: IterationResult) -> float:
@@ -92,9 +155,6 @@ class MetricsLogger:
 
     def log(self, result: IterationResult, loss_sum: float, extra: dict | None = None) -> dict:
         """Write the row of the iteration just finished; `loss_sum` is the global sum of item losses."""
-        now = time.perf_counter()
-        seconds, self._window_start = now - self._window_start, now
-        samples, self._window_samples = self.progress.samples_seen - self._window_samples, self.progress.samples_seen
         p, plan = self.progress, self.plan
         calls, rounds, nbytes = result.comm
         row = {
@@ -107,7 +167,10 @@ class MetricsLogger:
             "skipped_iterations": p.skipped_iterations,
             "allreduces_per_iteration": calls, "allreduce_rounds_per_iteration": rounds,
             "allreduce_bytes_per_iteration": nbytes,
-            "samples_per_second": samples / seconds if seconds > 0 else None,
+            **self._throughput(result, tokens="tokens_seen" in (extra or {})),
+            "iteration_seconds": result.seconds, "data_seconds": result.data_seconds,
+            "compute_seconds": result.compute_seconds, "optimizer_seconds": result.step_seconds,
+            "peak_memory_mib": self._peak_memory_mib(),
             **(extra or {}),
         }
         self.reporter.log(row)

@@ -1,4 +1,4 @@
-"""Rank-0 reports: the plan table, plain-sentence explanations, live progress, JSONL, wandb, summary."""
+"""Rank-0 reports: the plan table, live progress, metrics.jsonl, the trackers (sinks.py), the summary."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from ddp_toolkit import plan_report
 from ddp_toolkit.errors import InputError
 from ddp_toolkit.plan import BatchPlan
 from ddp_toolkit.rundir import append_line, atomic_path, atomic_write, describe_os_error
+from ddp_toolkit.sinks import open_sinks
 
 
 def make_console() -> Console:
@@ -35,7 +36,7 @@ def _fmt(x: float) -> str:
 
 # ---- live reports during training (rank 0 only) ------------------------------------------------------------
 class Reporter:
-    """Rank-0 sinks: plan.json, metrics.jsonl, a live console view, wandb; all no-ops on other ranks."""
+    """Rank-0 sinks: plan.json, metrics.jsonl, a live console view, trackers; all no-ops on other ranks."""
 
     def __init__(self, cfg, env, plan: BatchPlan, enabled: bool = True, console: Console | None = None) -> None:
         self.cfg, self.env, self.plan, self.enabled = cfg, env, plan, enabled
@@ -43,8 +44,7 @@ class Reporter:
         self.console = console or make_console()
         self.last_metrics: dict = {}
         self.last_loss: float | None = None
-        self._bar = None
-        self._wandb = None
+        self._sinks: list = []
         self._live = None
 
     @property
@@ -77,14 +77,13 @@ class Reporter:
                 self.console.print(f"resumed from checkpoint {info['resumed_from']} at iteration "
                                    f"{progress.iteration}")
             self._live = LiveProgress(self.console, self.plan, total_iterations, progress.iteration)
-        if self.cfg.report.wandb:
-            self._wandb = WandbSink.open(self.cfg, info, self.warn)
+        self._sinks = open_sinks(self.cfg, info, self.warn, (progress.iteration, progress.samples_seen))
 
     def _write(self, row: dict) -> None:
         if self.cfg.report.jsonl:
             append_line(self.metrics_path, json.dumps(row))
-        if self._wandb is not None:
-            self._wandb.log(row)
+        for sink in self._sinks:
+            sink.log(row)
 
     def log(self, metrics: dict) -> None:
         if not self.enabled:
@@ -115,15 +114,15 @@ class Reporter:
         atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         if self.cfg.report.console:
             print_summary(summary, self.console)
-        if self._wandb is not None:
-            self._wandb.summary(summary)
+        for sink in self._sinks:
+            sink.summary(summary)
 
     def close(self) -> None:
         if self._live is not None:
             self._live.close()
-        if self._wandb is not None:
-            self._wandb.close()
-            self._wandb = None
+        sinks, self._sinks = self._sinks, []
+        for sink in sinks:
+            sink.close()
 
 
 def print_summary(summary: dict, console: Console | None = None) -> None:
@@ -180,48 +179,6 @@ class LiveProgress:
             self._bar = None
 
 
-class WandbSink:
-    """Weights & Biases logging that never blocks training: any failure disables it with one warning."""
-
-    def __init__(self, run, warn) -> None:
-        self.run, self.warn = run, warn
-
-    @classmethod
-    def open(cls, cfg, info: dict, warn) -> WandbSink | None:
-        try:
-            import wandb
-
-            run = wandb.init(project=cfg.report.wandb_project, name=cfg.report.run_name, tags=cfg.report.tags,
-                             dir=str(Path(cfg.run_dir)), config={"config": cfg.model_dump(), "plan": info},
-                             settings=wandb.Settings(init_timeout=60, silent=True))
-            return cls(run, warn)
-        except Exception as err:  # network, auth, missing package: training goes on
-            warn(f"wandb disabled: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
-            return None
-
-    def log(self, row: dict) -> None:
-        if self.run is None:
-            return
-        try:
-            data = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "iteration"}
-            self.run.log(data, step=row["iteration"])
-        except Exception as err:
-            self.warn(f"wandb log failed ({type(err).__name__}); continuing without it")
-            self.run = None
-
-    def summary(self, summary: dict) -> None:
-        if self.run is not None:
-            for key, value in summary.items():
-                self.run.summary[key] = value
-
-    def close(self) -> None:
-        if self.run is not None:
-            try:
-                self.run.finish()
-            except Exception as err:
-                self.warn(f"wandb finish failed ({type(err).__name__})")
-
-
 def write_final_weights(run_dir: Path, model_state: dict) -> Path:
     """run_dir/final/model.safetensors by atomic replace; a disk error is one RunError line naming the file."""
     from safetensors.torch import save_file
@@ -233,7 +190,7 @@ def write_final_weights(run_dir: Path, model_state: dict) -> Path:
     return final / "model.safetensors"
 
 
-# ---- after the run: `ddp-toolkit report RUN_DIR` --------------------------------------------------------------
+# ---- reading metrics.jsonl back (the resume cut here; plots and pages in report.py) -----------------------------
 def _metrics_row(line: str) -> dict | None:
     """The row a metrics line holds, or None for a torn line, a non-object or a non-numeric iteration."""
     try:
@@ -271,84 +228,3 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     if problem:
         warnings.warn(problem.replace(": cut ", ": ignoring ", 1), stacklevel=2)
     return [r for r in rows if r.get("kind", "train") == "train"], [r for r in rows if r.get("kind") == "eval"]
-
-
-def write_plots(run_dir: Path) -> list[Path]:
-    """PNG plots of a run: loss vs iteration and vs samples seen, lr vs iteration (epoch boundaries marked)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train, evals = read_metrics(run_dir)
-    if not train:
-        raise ValueError(f"{Path(run_dir) / 'metrics.jsonl'} has no training rows")
-    it = [r["iteration"] for r in train]
-    boundaries = _epoch_boundaries(train)
-    out = []
-    specs = [("loss_vs_iteration.png", it, "loss", "iteration"),
-             ("loss_vs_samples.png", [r["samples_seen"] for r in train], "loss", "samples seen (all ranks)"),
-             ("lr_vs_iteration.png", it, "lr", "iteration")]
-    for name, xs, key, xlabel in specs:
-        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-        ax.plot(xs, [r[key] for r in train], marker="." if len(xs) < 60 else None, label=f"train {key}")
-        if key == "loss" and evals:
-            ex = [r["iteration"] if xlabel == "iteration" else r["samples_seen"] for r in evals]
-            ax.plot(ex, [r["eval_loss"] for r in evals], "o--", label="eval loss")
-        if xlabel == "iteration":
-            for b in boundaries:
-                ax.axvline(b, color="grey", linewidth=0.6, linestyle=":")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(key)
-        ax.set_title(f"{key} (global batch {train[0]['global_batch_size']}; dotted lines: epoch ends)"
-                     if xlabel == "iteration" else f"{key} vs samples seen")
-        ax.legend()
-        fig.tight_layout()
-        path = Path(run_dir) / name
-        try:
-            with atomic_path(path) as tmp:
-                fig.savefig(tmp, format="png")
-        finally:
-            plt.close(fig)
-        out.append(path)
-    return out
-
-
-def _epoch_boundaries(rows: list[dict]) -> list[int]:
-    """Iterations at which a whole epoch ends, from the logged (iteration, epoch) pairs."""
-    per_iteration = rows[-1]["epoch"] / rows[-1]["iteration"] if rows[-1]["iteration"] else 0
-    if per_iteration <= 0:
-        return []
-    ipe = round(1 / per_iteration)
-    return list(range(ipe, rows[-1]["iteration"] + 1, ipe))
-
-
-def _read_summary(path: Path) -> dict | None:
-    """summary.json as a dict, or None when absent or unreadable (a warning says which)."""
-    if not path.exists():
-        return None
-    try:
-        summary = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        summary = err
-    if isinstance(summary, dict):
-        return summary
-    warnings.warn(f"ignoring {path}: not a JSON object; summarising from metrics.jsonl", stacklevel=3)
-    return None
-
-
-def report_run(run_dir: Path, console: Console | None = None) -> list[Path]:
-    """Write the plots and print the summary again (from summary.json, or from the metrics)."""
-    console = console or make_console()
-    paths = write_plots(run_dir)
-    summary_path = Path(run_dir) / "summary.json"
-    summary = _read_summary(summary_path)
-    if summary is None:
-        train, _ = read_metrics(run_dir)
-        last = train[-1]
-        summary = {"iterations": last["iteration"], "epochs": last["epoch"], "samples_seen": last["samples_seen"],
-                   "final_loss": last["loss"], "note": "run unfinished: no summary.json"}
-    print_summary(summary, console)
-    for path in paths:
-        console.print(f"wrote {path}")
-    return paths

@@ -34,7 +34,8 @@ __all__ = ["OUTPUT_NAMES", "RunDirBusy", "RunDirLock", "RunDirUnwritable", "appe
 LOCK_NAME = ".lock"
 PREVIOUS_DIR = "previous"
 OUTPUT_NAMES = ("checkpoints", "final", "metrics.jsonl", "summary.json", "plan.json", "loss_vs_iteration.png",
-                "loss_vs_samples.png", "lr_vs_iteration.png", "wandb")
+                "loss_vs_samples.png", "lr_vs_iteration.png", "throughput_vs_iteration.png", "report.html", "wandb",
+                "tensorboard", "mlflow.db", "mlflow-artifacts", "trackers.json")
 """What a run writes into run_dir, and so what `archive_previous_run` moves aside (nothing else is touched)."""
 
 

@@ -214,6 +214,9 @@ class Trainer:
         samples = plan.batch_size_of(self.progress.iteration_in_epoch)
         micro_batches = [self._next_micro_batch(batches) for _ in range(k)]
         counts = [step.count(mb) for mb in micro_batches]  # on the CPU batch, before any forward
+        if self.metrics.wants_flops:  # once, rank 0: FLOPs of one micro-step on a meta copy (flops.py)
+            self.metrics.count_flops(engine.module, step, micro_batches, counts)
+        t_data = time.perf_counter()  # timing: micro-batches fetched (host clocks only: no device sync)
         items = self._global_items(sum(counts), samples)
         scale = engine.loss_multiplier / items
         comm_before = engine.comm.snapshot()
@@ -229,13 +232,16 @@ class Trainer:
             item_losses.append(losses.detach())
             if self.noise_meter is not None:
                 self.noise_meter.after_micro_step(m)
+        t_compute = time.perf_counter()  # timing: k forward+backward passes done (the synced all-reduce included)
         hparams = optimizer_hparams(engine.optimizer)  # what this iteration's step uses
         grad_norm, skipped = self._clip_and_step()
+        t_step = time.perf_counter()  # timing: norm, clip, optimizer step, schedule, zero_grad done
         self.progress.advance(samples, items, plan.iterations_per_epoch, skipped)
         comm = tuple(a - b for a, b in zip(engine.comm.snapshot(), comm_before, strict=True))
         return IterationResult(samples=samples, items=items, item_losses=item_losses, grad_norm=grad_norm,
                                hparams=hparams, comm=comm, skipped=skipped, seconds=time.perf_counter() - t_start,
-                               first_items=counts[0])
+                               first_items=counts[0], data_seconds=t_data - t_start,
+                               compute_seconds=t_compute - t_data, step_seconds=t_step - t_compute)
 
     def _next_micro_batch(self, batches):
         batch = next(batches)

@@ -24,13 +24,18 @@ pytestmark = pytest.mark.distributed
 
 def read_wandb_history(wandb_dir) -> list[dict]:
     """History rows of the single offline run under wandb_dir, parsed by wandb's own record reader."""
+    files = list(wandb_dir.rglob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1, files
+    return read_wandb_file(files[0])
+
+
+def read_wandb_file(path) -> list[dict]:
+    """History rows of one offline run file (run-ID.wandb)."""
     from wandb.proto import wandb_internal_pb2
     from wandb.sdk.internal import datastore
 
-    files = list(wandb_dir.rglob("offline-run-*/run-*.wandb"))
-    assert len(files) == 1, files
     store = datastore.DataStore()
-    store.open_for_scan(str(files[0]))
+    store.open_for_scan(str(path))
     rows = []
     while (data := store.scan_data()) is not None:
         record = wandb_internal_pb2.Record()

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from ddp_toolkit.errors import InputError, RunError
-from ddp_toolkit.reporting import Reporter, read_metrics, report_run, write_final_weights, write_plots
+from ddp_toolkit.report import report_run, write_plots
+from ddp_toolkit.reporting import Reporter, read_metrics, write_final_weights
 from tests.unit.test_rundir import link_out, small_tmpfs_fixture  # noqa: F401 (fixture small_tmpfs)
 
 
