@@ -95,14 +95,22 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     from ddp_toolkit.launcher import launch, train_target
     from ddp_toolkit.trainer import preflight
 
+    options = dict(nproc_per_node=args.nproc_per_node, nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint,
+                   rdzv_id=args.rdzv_id, max_restarts=args.max_restarts, node_rank=args.node_rank,
+                   stop_timeout_s=args.stop_timeout_s)
+    if args.config.endswith(".py"):  # a user's own script and its arguments, run the way torchrun runs it
+        import tempfile
+        from pathlib import Path
+
+        if not Path(args.config).is_file():
+            raise UsageError(f"launch: script {shown(args.config)} not found")
+        with tempfile.TemporaryDirectory(prefix="ddp_toolkit-launch-") as flag_dir:  # the stop-request flag file
+            return launch(train_target(args.config, args.overrides), run_dir=flag_dir, **options)
     cfg = load_config(args.config, args.overrides)  # fail fast, once, before any worker starts
     check_run_dir(cfg.run_dir)
     if args.nnodes.isdigit():
         preflight(cfg, args.nproc_per_node * int(args.nnodes))
-    return launch(train_target(args.config, args.overrides), run_dir=cfg.run_dir,
-                  nproc_per_node=args.nproc_per_node, nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint,
-                  rdzv_id=args.rdzv_id, max_restarts=args.max_restarts, node_rank=args.node_rank,
-                  stop_timeout_s=args.stop_timeout_s)
+    return launch(train_target(args.config, args.overrides), run_dir=cfg.run_dir, **options)
 
 
 # ---- report -------------------------------------------------------------------------------------------

@@ -78,12 +78,13 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    name: Literal["synthetic", "digits", "custom"] = "synthetic"
-    """Built-in data set, or `custom` with `factory`."""
+    name: Literal["synthetic", "digits", "text", "custom"] = "synthetic"
+    """Built-in data set (`text`: byte sequences of the Python standard library's source), or `custom` with
+    `factory`."""
     size: PosInt = 4096
-    """Training samples N (synthetic only; digits has 1437 training samples)."""
+    """Training samples N (synthetic and text; digits has 1437 training samples)."""
     eval_size: Count = 1001
-    """Held-out samples for evaluation (synthetic only; digits uses its 360 held-out samples); 0 for none."""
+    """Held-out samples for evaluation (synthetic and text; digits uses its 360 held-out samples); 0 for none."""
     features: PosInt = 32
     """Input features of the synthetic set."""
     classes: Int = Field(10, gt=1, le=2**20)
@@ -92,8 +93,12 @@ class DataConfig(_Section):
     """Label noise of the synthetic set: std of the Gaussian added to the class logits."""
     seed: Seed = 0
     """Seed of the synthetic data (independent of train.seed)."""
+    seq_len: Int = Field(128, ge=2, le=2**20)
+    """Longest input sequence of the text set, in bytes (sequences are whole lines, of varying length)."""
     factory: Factory | None = None
-    """`module:function` returning (train_set, eval_set) for name=custom."""
+    """`module:function() -> (train_set, eval_set)` for name=custom; a set may carry an `info` DataInfo."""
+    collate: Factory | None = None
+    """`module:function(list of samples) -> batch` run on every micro-batch, e.g. ddp_toolkit.data:pad_tokens."""
 
     @model_validator(mode="after")
     def _custom_needs_factory(self) -> DataConfig:
@@ -103,16 +108,24 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    name: Literal["mlp", "cnn", "linear", "custom"] = "mlp"
-    """Built-in model, or `custom` with `factory`."""
+    name: Literal["mlp", "cnn", "linear", "transformer", "custom"] = "mlp"
+    """Built-in model (`transformer`: a causal LM on token ids), or `custom` with `factory`."""
     hidden: list[Width] = Field(default_factory=lambda: [64])
     """Hidden widths of the MLP (each in 1 … 2^20)."""
     dtype: Literal["float32", "float64"] = "float32"
     """Parameter dtype; float64 for exact equivalence tests."""
     batchnorm: Bool = False
     """Add BatchNorm to the built-in models (see train.sync_batchnorm)."""
+    width: Width = 128
+    """Embedding width of the transformer."""
+    layers: Int = Field(2, ge=1, le=1024)
+    """Transformer blocks."""
+    heads: Int = Field(4, ge=1, le=1024)
+    """Attention heads of the transformer (dividing model.width)."""
     factory: Factory | None = None
-    """`module:function(in_features, num_classes) -> nn.Module` for name=custom."""
+    """`module:function(info) -> nn.Module` for name=custom; info is a ddp_toolkit.data.DataInfo (a factory of
+    two positional parameters gets (in_features, num_classes))."""
+
 
     @model_validator(mode="after")
     def _custom_needs_factory(self) -> ModelConfig:
@@ -217,6 +230,22 @@ class TrainConfig(_Section):
     """Timeout of the process group's rendezvous and collectives, in seconds."""
     num_workers: Int = Field(0, ge=0, le=1024)
     """DataLoader worker processes per rank."""
+    loss: Literal["cross_entropy", "token_cross_entropy", "mse", "custom"] = "cross_entropy"
+    """Per-item loss: per sample (cross_entropy, mse), per token (token_cross_entropy), or custom with
+    loss_factory; the update is its exact mean over the items of the global batch."""
+    ignore_index: Int = Field(-100, ge=-(2**31), le=2**31 - 1)
+    """Label of a position that is no item (padding): out of the loss and of the count (token_cross_entropy)."""
+    causal_shift: Bool = False
+    """Dict batches: score logits[:, :-1] against labels[:, 1:] (Hugging Face causal LMs, labels = input_ids)."""
+    loss_factory: Factory | None = None
+    """`module:function(info) -> per-item loss function or Step` for loss=custom (see ddp_toolkit.step)."""
+
+    @model_validator(mode="after")
+    def _custom_needs_factory(self) -> TrainConfig:
+        if self.loss == "custom" and not self.loss_factory:
+            raise ValueError("train.loss=custom needs train.loss_factory='module:function'")
+        return self
+
 
     @model_validator(mode="before")
     @classmethod

@@ -61,7 +61,10 @@ def free_port(host: str = LOOPBACK) -> int:
 
 
 def train_target(config: str | Path, overrides: Sequence[str] = ()) -> list[str]:
-    """What each worker runs: the entry script when the repository is at hand, else the installed CLI."""
+    """What each worker runs: a user's own `.py` script with its arguments (as torchrun runs it); for a YAML
+    config, the entry script when the repository is at hand, else the installed CLI."""
+    if str(config).endswith(".py"):
+        return [str(config), *overrides]
     target = [str(ENTRY_SCRIPT)] if ENTRY_SCRIPT.exists() else ["-m", "ddp_toolkit.cli", "train"]
     return [*target, str(config), *overrides]
 

@@ -99,33 +99,13 @@ def preflight(cfg: Config, world_size: int) -> BatchPlan:
 
 
 def train_from_config(cfg: Config, env=None, **trainer_kwargs) -> dict:
-    """Build the configured data and model (seeded by train.seed) and train; returns the summary."""
-    import torch
-
-    from ddp_toolkit.data import build_data
-    from ddp_toolkit.models import build_model
+    """Build the configured workload (data, model seeded by train.seed, step: ddp_toolkit.workload) and train;
+    returns the summary. `trainer_kwargs` go to the Trainer (a `step` or `loss_fn` there replaces the config's)."""
     from ddp_toolkit.trainer import Trainer
+    from ddp_toolkit.workload import build_workload
 
-    try:
-        train_set, eval_set = build_data(cfg.data)
-    except ValueError as err:  # a bad module:function
-        raise ConfigError(str(err)) from None
-    x0, _ = train_set[0]
-    num_classes = int(getattr(train_set, "y", torch.tensor([cfg.data.classes - 1])).max()) + 1
-    num_classes = max(num_classes, cfg.data.classes if cfg.data.name == "synthetic" else num_classes)
-    torch.manual_seed(cfg.train.seed)
-    try:
-        model = build_model(cfg.model, int(x0.numel()), num_classes)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    if cfg.model.dtype == "float64":
-        train_set = _cast(train_set, torch.float64)
-        eval_set = _cast(eval_set, torch.float64) if eval_set is not None else None
-    return Trainer(model, train_set, cfg, eval_set=eval_set, env=env, **trainer_kwargs).fit()
+    w = build_workload(cfg)
+    if not {"step", "loss_fn", "count_items"} & trainer_kwargs.keys():
+        trainer_kwargs["step"] = w.step
+    return Trainer(w.model, w.train_set, cfg, eval_set=w.eval_set, env=env, **trainer_kwargs).fit()
 
-
-def _cast(data, dtype):
-    """Float features in the model's dtype (built-in TensorData only)."""
-    from ddp_toolkit.data import TensorData
-
-    return TensorData(data.x.to(dtype), data.y) if isinstance(data, TensorData) else data
