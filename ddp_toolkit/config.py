@@ -99,6 +99,9 @@ class DataConfig(_Section):
     """`module:function() -> (train_set, eval_set)` for name=custom; a set may carry an `info` DataInfo."""
     collate: Factory | None = None
     """`module:function(list of samples) -> batch` run on every micro-batch, e.g. ddp_toolkit.data:pad_tokens."""
+    order: Literal["global", "distributed_sampler"] = "global"
+    """`global`: world-size invariant; `distributed_sampler`: torch's DistributedSampler order with its padding and
+    drop_last (full iterations only), NOT world-size invariant: a resume must keep W."""
 
     @model_validator(mode="after")
     def _custom_needs_factory(self) -> DataConfig:

@@ -19,11 +19,19 @@ __all__ = ["fingerprint", "lr_info", "make_optimizer", "plan_for", "preflight", 
 
 
 def plan_for(cfg: Config, dataset_size: int, world_size: int) -> BatchPlan:
-    """The batch plan of a config at a world size: k given, or derived from batch.global_batch_size."""
+    """The batch plan of a config at a world size: k given, or derived from batch.global_batch_size.
+
+    With data.order=distributed_sampler the plan's dataset_size is the N' samples an epoch of that order trains on
+    (orders.py), so iterations per epoch, batch sizes and samples_seen count what really runs."""
     b = cfg.batch
     k = b.grad_accum_steps if b.grad_accum_steps or b.global_batch_size else 1
-    return BatchPlan.solve(dataset_size, global_batch_size=b.global_batch_size, micro_batch_size=b.micro_batch_size,
-                           world_size=world_size, grad_accum_steps=k, drop_last=b.drop_last)
+    factors = dict(global_batch_size=b.global_batch_size, micro_batch_size=b.micro_batch_size, world_size=world_size,
+                   grad_accum_steps=k)
+    if cfg.data.order == "distributed_sampler":
+        from ddp_toolkit.orders import distributed_sampler_epoch
+
+        dataset_size = distributed_sampler_epoch(dataset_size, drop_last=b.drop_last, **factors)
+    return BatchPlan.solve(dataset_size, drop_last=b.drop_last, **factors)
 
 
 def lr_info(cfg: Config, plan: BatchPlan) -> dict:

@@ -103,7 +103,12 @@ class Trainer:
         cfg, env, plan = self.cfg, self.env, self.plan
         self._prepare_model(model)
         self.scheduler = build_scheduler(self.engine.optimizer, self.schedule)
-        self.sampler = GlobalBatchSampler.from_plan(plan, env.rank, seed=cfg.train.seed)
+        if cfg.data.order == "distributed_sampler":  # #20 item 5: torch's DistributedSampler order (orders.py)
+            from ddp_toolkit.orders import DistributedSamplerBatches
+
+            self.sampler = DistributedSamplerBatches(len(train_set), plan, env.rank, seed=cfg.train.seed)
+        else:
+            self.sampler = GlobalBatchSampler.from_plan(plan, env.rank, seed=cfg.train.seed)
         self.collate_fn = batch_as_is if hasattr(train_set, "__getitems__") else collate_allow_empty
         self.loader = DataLoader(train_set, batch_sampler=self.sampler, num_workers=cfg.train.num_workers,
                                  collate_fn=self.collate_fn)

@@ -126,11 +126,6 @@ def _importable(module: str) -> str | None:
     return None if done.returncode == 0 else f"{module} does not import here: {done.stderr.strip().splitlines()[-1]}"
 
 
-def _needs(module: str | None):
-    reason = _importable(module) if module else None
-    return pytest.mark.skipif(reason is not None, reason=reason or "")
-
-
 def _check_run(done: subprocess.CompletedProcess, run_dir: Path) -> None:
     assert done.returncode == 0, done.stderr[-4000:]
     rows = metrics(run_dir)
@@ -148,7 +143,7 @@ def test_example_runs_under_ddp_toolkit_launch(tmp_path, name, module):
         reason = _importable(module)
         if reason:
             pytest.skip(reason)
-    overrides = [*SMOKE, f"run_dir={tmp_path / 'run'}"] + (["data.eval_size=0"] if name == "resnet_digits" else [])
+    overrides = [*SMOKE, f"run_dir={tmp_path / 'run'}"]
     done = subprocess.run([sys.executable, "-m", "ddp_toolkit.cli", "launch", "--nproc-per-node", "2",
                            str(EXAMPLES / f"{name}.yaml"), *overrides], capture_output=True, text=True,
                           timeout=300, env=worker_env(), cwd=REPO)
