@@ -7,6 +7,10 @@ Layout of `run_dir/checkpoints/`:
   it00000040/manifest.json       iteration, size and sha256 of every file, written last inside the directory
   latest                         name of the newest complete checkpoint of this run, replaced last
 
+A sharded engine (fsdp) writes `.metadata` and one `__{rank}_0.distcp` per rank (torch.distributed.checkpoint:
+model and optimizer, keyed by parameter name, loadable at any world size) instead of model.safetensors and the
+optimizer in state.pt; its manifest says `"format": "sharded"` and covers every shard.
+
 A checkpoint is written under a temporary name, every file fsync'd, then renamed; `latest` moves after the
 rename. A crash or a write error at any point leaves the previous checkpoint loadable.
 
@@ -37,12 +41,13 @@ from safetensors.torch import load_file, save_file
 from ddp_toolkit.errors import EXIT_INPUT, EXIT_RUN, RunError, ToolkitError
 from ddp_toolkit.rundir import describe_os_error, os_error_in
 
-__all__ = ["CheckpointError", "CheckpointWriteError", "checkpoint_name", "find_latest", "load_checkpoint",
-           "rng_state", "save_checkpoint", "set_rng_state", "verify"]
+__all__ = ["CheckpointError", "CheckpointWriteError", "checkpoint_name", "export_weights", "find_latest",
+           "is_sharded", "load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state", "verify"]
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
 REQUIRED_FILES = ("model.safetensors", "state.pt")
+SHARDED, SHARDED_FILES = "sharded", (".metadata", "state.pt")
 NAME_PATTERN = re.compile(r"it(\d{8})")
 _TMP_PATTERN = re.compile(r"\.tmp-it\d{8}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -134,7 +139,10 @@ def _manifest(path: Path) -> dict:
         raise _Damaged(f"{path / MANIFEST} is not a manifest ({{iteration, files}})")
     for fname, meta in manifest["files"].items():
         _check_file_entry(fname, meta)
-    missing = [f for f in REQUIRED_FILES if f not in manifest["files"]]
+    if manifest.get("format", "full") not in ("full", SHARDED):
+        raise _Damaged(f"{path / MANIFEST} names an unknown format {manifest['format']!r}")
+    required = SHARDED_FILES if manifest.get("format") == SHARDED else REQUIRED_FILES
+    missing = [f for f in required if f not in manifest["files"]]
     if missing:
         raise _Damaged(f"{path / MANIFEST} does not list {', '.join(missing)}")
     named = NAME_PATTERN.fullmatch(path.name)
@@ -166,9 +174,21 @@ def rng_state() -> dict:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
              "numpy_rest": [kind, int(pos), int(has_gauss), float(cached)], "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this rank's device only: a resume may see fewer GPUs (#22)
+        state["cuda_device"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
+
+
+def _set_cuda_rng_state(state: dict) -> None:
+    """This rank's CUDA generator; an older checkpoint's list of every visible GPU gives the current device's
+    entry when there is one (a resume that sees fewer GPUs skips it rather than fail)."""
+    if not torch.cuda.is_available():
+        return
+    device = torch.cuda.current_device()
+    if "cuda_device" in state:
+        torch.cuda.set_rng_state(state["cuda_device"], device)
+    elif "cuda" in state and device < len(state["cuda"]):
+        torch.cuda.set_rng_state(state["cuda"][device], device)
 
 
 def set_rng_state(state: dict) -> None:
@@ -178,8 +198,7 @@ def set_rng_state(state: dict) -> None:
         kind, pos, has_gauss, cached = state["numpy_rest"]
         np.random.set_state((kind, state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
         random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        _set_cuda_rng_state(state)
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
         raise CheckpointError(f"the saved RNG state has the wrong shape ({type(err).__name__}: "
                               f"{str(err).splitlines()[0] if str(err) else ''})") from None
@@ -193,8 +212,16 @@ def _write_pt(obj, path: Path) -> None:
         os.fsync(fh.fileno())
 
 
-def _write_files(tmp: Path, rank: int, model_state: dict | None, state: dict | None) -> None:
+def _write_files(tmp: Path, rank: int, model_state: dict | None, state: dict | None,
+                 sharded: dict | None = None) -> None:
     _write_pt(rng_state(), tmp / f"rng-rank{rank}.pt")
+    if sharded is not None:  # collective: every rank writes its shard, rank 0 the metadata (fsync'd)
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(sharded, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True, overwrite=False))
+        if rank == 0:
+            _write_pt(state, tmp / "state.pt")
+        return
     if rank == 0:
         weights = tmp / "model.safetensors"
         save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, weights)
@@ -214,7 +241,8 @@ def _write_manifest(tmp: Path, iteration: int) -> None:
     files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())
              if p.name != MANIFEST}
     path = tmp / MANIFEST
-    path.write_text(json.dumps({"iteration": iteration, "files": files}, indent=1))
+    sharded = {"format": SHARDED} if ".metadata" in files else {}
+    path.write_text(json.dumps({"iteration": iteration, **sharded, "files": files}, indent=1))
     _fsync_file(path)
 
 
@@ -299,19 +327,20 @@ def _agree(err: CheckpointWriteError | None, barrier: Callable[[], None],
 
 def save_checkpoint(root: Path, iteration: int, *, model_state: dict | None, state: dict | None,
                     rank: int, barrier: Callable[[], None], keep: int = 2,
-                    all_ok: Callable[[bool], bool] | None = None) -> Path:
+                    all_ok: Callable[[bool], bool] | None = None, sharded: dict | None = None) -> Path:
     """Write checkpoint `it{iteration}` atomically. Every rank calls it; rank 0 writes the shared files.
 
     `model_state`/`state` are only needed on rank 0; every rank writes its own RNG state. A disk error raises
     CheckpointWriteError (one line, the previous checkpoint intact, the temporary directory removed). Pass
     `all_ok` (True on every rank → True) so that every rank raises it; with `barrier` only, the failing rank
-    raises and the others wait at the barrier until the process group's timeout.
+    raises and the others wait at the barrier until the process group's timeout. `sharded` (every rank: its
+    DCP state dict) replaces `model_state` and is written by every rank.
     """
     root = Path(root)
     name = checkpoint_name(iteration)
     tmp, final = root / f".tmp-{name}", root / name
     steps = [(lambda: _prepare(root, tmp, final)) if rank == 0 else None,
-             lambda: _write_files(tmp, rank, model_state, state),
+             lambda: _write_files(tmp, rank, model_state, state, sharded),
              (lambda: _publish(root, tmp, final, iteration)) if rank == 0 else None]
     for step in steps:
         err = _attempt(step, final, root) if step is not None else None
@@ -405,14 +434,25 @@ def _load_pt(path: Path) -> dict:
     return value
 
 
-def load_checkpoint(path: Path, rank: int) -> tuple[dict, dict, dict | None]:
-    """(model weights, shared state, this rank's RNG state or None when the rank did not exist then)."""
+def is_sharded(path: Path) -> bool:
+    """True for a checkpoint written by a sharded engine (DCP shards instead of model.safetensors)."""
+    try:
+        return _manifest(Path(path)).get("format") == SHARDED
+    except (_Damaged, OSError):
+        return False
+
+
+def load_checkpoint(path: Path, rank: int) -> tuple[dict | None, dict, dict | None]:
+    """(model weights — None for a sharded checkpoint, whose shards the engine loads —, shared state, this
+    rank's RNG state or None when the rank did not exist then)."""
     path = Path(path)
     problem = verify(path)
     if problem is not None:
         raise CheckpointError(f"checkpoint {path} cannot be used: {problem}")
+    weights = None
     try:
-        weights = load_file(path / "model.safetensors")
+        if not is_sharded(path):
+            weights = load_file(path / "model.safetensors")
     except Exception as err:
         raise CheckpointError(f"refusing to load {path / 'model.safetensors'}: {err}") from None
     state = _load_pt(path / "state.pt")
@@ -421,3 +461,44 @@ def load_checkpoint(path: Path, rank: int) -> tuple[dict, dict, dict | None]:
     if rng is not None and not {"torch", "numpy_keys", "numpy_rest", "python"} <= set(rng):
         raise CheckpointError(f"refusing to load {path / rng_name}: not an RNG state")
     return weights, state, rng
+
+
+# ---- export ---------------------------------------------------------------------------------------------------
+def full_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The whole model of a checkpoint, a sharded one's shards joined in this process (no process group)."""
+    problem = verify(path)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path} cannot be used: {problem}")
+    if not is_sharded(path):
+        return load_file(path / "model.safetensors")
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict = {}
+    _load_state_dict(state, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(keys={"model"}),
+                     no_dist=True)
+    return state["model"]
+
+
+def export_weights(source: Path, out: Path | None = None) -> tuple[Path, Path]:
+    """Write the newest valid checkpoint of run directory `source` (or checkpoint directory `source`) as one
+    safetensors file, by atomic replace; (checkpoint used, file written). Default: RUN_DIR/export/model.safetensors."""
+    source = Path(source)
+    if (source / MANIFEST).exists():
+        path, run_dir = source, source.parent.parent
+    else:
+        path, run_dir = find_latest(source / "checkpoints"), source
+        if path is None:
+            raise CheckpointError(f"{source} holds no valid checkpoint (looked in {source / 'checkpoints'})")
+    out = Path(out) if out is not None else run_dir / "export" / "model.safetensors"
+    weights = {k: v.detach().contiguous().cpu() for k, v in full_weights(path).items()}
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        save_file(weights, tmp, metadata={"checkpoint": path.name})
+        _fsync_file(tmp)
+        os.replace(tmp, out)
+    except OSError as err:
+        raise CheckpointWriteError(f"cannot write {out}: {describe_os_error(err)}") from None
+    return path, out

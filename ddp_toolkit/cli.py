@@ -164,6 +164,27 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- export ---------------------------------------------------------------------------------------------
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a run's newest valid checkpoint (sharded or not) as one safetensors "
+                                      "file that loads into the plain model")
+    p.add_argument("run_dir", help="a run directory (its newest valid checkpoint) or one checkpoint directory")
+    p.add_argument("--out", type=OneLine(4096), default=None,
+                   help="the file to write (default: RUN_DIR/export/model.safetensors)")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ddp_toolkit.checkpoint import export_weights
+
+    used, out = export_weights(Path(args.run_dir), Path(args.out) if args.out else None)
+    print(f"exported {used} to {out}", file=sys.stderr)
+    print(out)
+    return 0
+
+
 # ---- slurm ----------------------------------------------------------------------------------------------
 EXIT_SLURM = 1
 """Exit code when a Slurm command fails (sbatch refused the job, unknown job id, no Slurm here)."""
@@ -313,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_plan, add_config_parser, _add_train,
                                                                      _add_launch, _add_report, _add_slurm,
-                                                                     _sweep.add_sweep_parser]
+                                                                     _sweep.add_sweep_parser, _add_export]
 
 
 def _fail(err: Exception, code: int) -> int:

@@ -191,6 +191,17 @@ class OptimConfig(_Section):
     """Clip the global gradient norm (after the sync) to this value."""
 
 
+class FSDPConfig(_Section):
+    shard_modules: list[Annotated[str, Strict(), Field(min_length=1, max_length=256)]] = Field(default_factory=list)
+    """Module class names sharded as one FSDP group each (e.g. [TransformerBlock]); empty: every submodule of at
+    least min_params parameters, then the root."""
+    min_params: PosInt = 100_000
+    """Parameter threshold of the default grouping (shard_modules empty)."""
+    reshard_after_forward: Bool = True
+    """Free the gathered parameters of each group after its forward (gathered again in backward): less memory,
+    one more all-gather per group and micro-step."""
+
+
 class TrainConfig(_Section):
     epochs: Float | None = Field(None, gt=0)
     """Stop after this many epochs (one of epochs / iterations / samples, the last one given wins; default 2
@@ -201,7 +212,7 @@ class TrainConfig(_Section):
     """Stop once samples_seen reaches this many samples."""
     seed: Seed = 0
     """Seed of model init, data order and every rank's RNG (0 … 2^32−1)."""
-    engine: Literal["auto", "ddp", "accelerate", "deepspeed"] = "auto"
+    engine: Literal["auto", "ddp", "fsdp", "accelerate", "deepspeed"] = "auto"
     """Gradient-sync engine; auto picks it from the launcher."""
     log_every: PosInt = 10
     """Write metrics every this many iterations (and at the last one)."""
@@ -225,6 +236,8 @@ class TrainConfig(_Section):
     """DeepSpeed JSON; checked against the plan (train_batch_size etc.)."""
     zero_stage: Int = Field(0, ge=0, le=3)
     """DeepSpeed ZeRO stage when no JSON gives one."""
+    fsdp: FSDPConfig = Field(default_factory=FSDPConfig)
+    """FSDP2 settings (train.engine=fsdp)."""
     halt_at: PosInt | None = None
     """Checkpoint and stop after this iteration (resume later with train.resume=auto)."""
     allow_config_change: Bool = False

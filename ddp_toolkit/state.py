@@ -2,8 +2,10 @@
 
 Every part has `state_dict()` / `load_state_dict(state)`; adding a part means adding it to the `states`
 mapping, never editing a save function and a load function in step (torchtitan's CheckpointManager shape).
-The model and optimizer go through the engine (`EngineState`: a sharded engine gathers), the RNG through
-`RNGState` (every rank keeps its own). Files, atomicity and verification are `checkpoint.py`'s job.
+The model and optimizer go through the engine (`EngineState`): a sharded engine (`engine.sharded_checkpoint`)
+hands every rank's shard to torch.distributed.checkpoint and loads any world size's shards back (resharding);
+the others are gathered and written by rank 0. The RNG goes through `RNGState` (every rank keeps its own).
+Files, atomicity and verification are `checkpoint.py`'s job.
 
 A checkpoint records the run's fingerprint (everything that changes the trajectory); resuming one whose
 fingerprint differs is refused with one line naming each change (old → new) unless
@@ -51,6 +53,25 @@ class EngineState:
 
     def load_state_dict(self, state: dict) -> None:
         self.engine.load_optimizer_state(state)
+
+    @property
+    def sharded(self) -> bool:
+        """True when the engine writes sharded checkpoints (every rank its own shard)."""
+        return bool(getattr(self.engine, "sharded_checkpoint", False))
+
+    def sharded_state(self) -> dict:
+        return self.engine.sharded_state()
+
+    def load_sharded_state(self, where: Path) -> None:
+        """This rank's part of a sharded checkpoint written at any world size."""
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        try:
+            self.engine.load_sharded_state(where)
+        except (CheckpointException, RuntimeError, KeyError, ValueError) as err:
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            detail = next((line for line in lines if "Error" in line), lines[0] if lines else type(err).__name__)
+            raise ckpt.CheckpointError(f"checkpoint {where} does not fit this model: {detail}") from None
 
 
 class RNGState:
@@ -108,16 +129,18 @@ class CheckpointManager:
         return bool(self.every) and iteration % self.every == 0 and not last
 
     def save(self, iteration: int) -> Path:
-        """Checkpoint now (every rank calls this: a sharded optimizer state is gathered collectively)."""
-        optimizer_state = self.engine_state.state_dict()
+        """Checkpoint now (every rank calls this: optimizer state is gathered, or every rank writes its shard)."""
+        sharded = self.engine_state.sharded_state() if self.engine_state.sharded else None
+        optimizer_state = None if sharded is not None else self.engine_state.state_dict()
         model_state, state = None, None
         if self.rank == 0:
-            model_state = self.engine_state.model_state()
+            model_state = None if sharded is not None else self.engine_state.model_state()
             state = {name: part.state_dict() for name, part in self.states.items()}
-            state["optimizer"] = optimizer_state
+            if sharded is None:
+                state["optimizer"] = optimizer_state
             state[FINGERPRINT_KEY] = self.fingerprint
         return ckpt.save_checkpoint(self.root, iteration, model_state=model_state, state=state, rank=self.rank,
-                                    barrier=self.barrier, keep=self.keep, all_ok=_all_ok)
+                                    barrier=self.barrier, keep=self.keep, all_ok=_all_ok, sharded=sharded)
 
     def find(self, resume: str) -> Path | None:
         """The checkpoint `train.resume` names: None for `never`, the newest valid one for `auto`, or a path."""
@@ -129,8 +152,11 @@ class CheckpointManager:
         """Restore every part from `path`, after checking that it belongs to this run."""
         weights, state, rng = ckpt.load_checkpoint(path, self.rank)
         self.check_fingerprint(state.get(FINGERPRINT_KEY) or state.get("plan") or {}, path)
-        self.engine_state.load_model_state(weights, path)
-        self.engine_state.load_state_dict(state["optimizer"])
+        if weights is None:  # sharded: model and optimizer from the shards, resharded to this world size
+            self.engine_state.load_sharded_state(path)
+        else:
+            self.engine_state.load_model_state(weights, path)
+            self.engine_state.load_state_dict(state["optimizer"])
         for name, part in self.states.items():
             if state.get(name) is not None:
                 part.load_state_dict(state[name])

@@ -329,7 +329,9 @@ class Trainer:
     def _evaluate(self) -> dict:
         p = self.progress
         result = {"iteration": p.iteration, "epoch": self.plan.epochs_for(p.iteration),
-                  "samples_seen": p.samples_seen, **self.evaluator.run(self.engine.module)}
+                  "samples_seen": p.samples_seen}
+        with self.engine.evaluation() as model:  # a sharded engine gathers its weights once for the whole pass
+            result.update(self.evaluator.run(model))
         self.reporter.log_eval(result)
         return result
 
@@ -360,8 +362,9 @@ class Trainer:
         self.engine.barrier()
 
     def _save_final(self) -> None:
+        weights = self.engine.model_state()  # every rank: a sharded engine gathers the full weights to rank 0
         if self.env.is_main:
-            write_final_weights(self.run_dir, self.engine.model_state())
+            write_final_weights(self.run_dir, weights)
         self.engine.barrier()
 
     def _plan_info(self, resumed: Path | None) -> dict:

@@ -15,7 +15,8 @@ from ddp_toolkit.plan import BatchPlan
 
 @dataclass
 class CommStats:
-    """Gradient all-reduce traffic measured by the engine (a DDP comm hook or the engine's own counters)."""
+    """Gradient reduction traffic measured by the engine (a DDP comm hook, FSDP's counting collectives, DeepSpeed's
+    backend): all-reduces, or reduce-scatters for the sharded engines; `snapshot` is what the metrics report."""
 
     calls: int = 0
     """All-reduce calls (one per DDP bucket per synced backward)."""
@@ -23,6 +24,10 @@ class CommStats:
     """Synced backward passes: gradient all-reduce rounds (bucket 0 seen once per round)."""
     bytes: int = 0
     """Bytes handed to all-reduce."""
+    gathers: int = 0
+    """Parameter all-gathers (sharded engines: before each group's forward, and its backward when resharded)."""
+    gather_bytes: int = 0
+    """Bytes received by those all-gathers."""
 
     def snapshot(self) -> tuple[int, int, int]:
         return self.calls, self.rounds, self.bytes
@@ -118,6 +123,32 @@ class Engine(ABC):
 
     def load_optimizer_state(self, state: dict) -> None:
         self.optimizer.load_state_dict(state)
+
+    # ---- sharded checkpoints (torch.distributed.checkpoint): every rank writes its own shard ----------------
+    sharded_checkpoint = False
+    """True when checkpoints are written with DCP (`sharded_state`), one shard per rank; else rank 0 writes the
+    full model and optimizer state."""
+
+    def sharded_state(self) -> dict:
+        """{"model": ..., "optim": ...} keyed by parameter name (DTensors for a sharded model), for `dcp.save`."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(self.module, self.optimizer)
+        return {"model": model_state, "optim": optim_state}
+
+    def load_sharded_state(self, path) -> None:
+        """Load a DCP checkpoint written at any world size (DCP reshards to this engine's layout)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        state = self.sharded_state()
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+    @contextlib.contextmanager
+    def evaluation(self):
+        """The model to evaluate; ranks may run different numbers of forward passes inside (no collectives)."""
+        yield self.module
 
     def barrier(self) -> None:
         if self.env.is_distributed and torch.distributed.is_initialized():

@@ -1,4 +1,4 @@
-"""DeepSpeed engine (ZeRO stage 0, 1 or 2) driven by our loop, our sampler and our batch plan.
+"""DeepSpeed engine (ZeRO stage 0, 1, 2 or 3) driven by our loop, our sampler and our batch plan.
 
 The DeepSpeed config is derived from the plan (train_batch_size = B, train_micro_batch_size_per_gpu = b,
 gradient_accumulation_steps = k, ZeRO stage, gradient clipping); a user JSON (`train.deepspeed_config`) is
@@ -9,7 +9,11 @@ reduction averages over W, so the usual ×W multiplier gives the global-batch me
 boundary is set explicitly from the trainer's `sync` flag, so DeepSpeed's micro-step counter never has to
 agree with ours (e.g. after a resume). Gradient reductions are counted by wrapping the reduce collectives of
 DeepSpeed's communication backend while a backward runs: ZeRO 0/1 reduce once per iteration, ZeRO-2
-reduce-scatters on every micro-step (its design: it cannot skip the sync), which the counters then show.
+reduce-scatters on every micro-step (its design: it cannot skip the sync), which the counters then show; so
+does ZeRO-3, which also partitions the parameters (gathered per module in forward and backward).
+
+Checkpoints stay in torch's per-parameter format, gathered to rank 0 in chunks on the CPU (ZeRO-3: one parameter
+at a time), so they load at any world size and any stage; the fsdp engine's sharded checkpoints are refused.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from torch import nn
 
 from ddp_toolkit.config import ConfigError
 from ddp_toolkit.engines.base import CommStats, Engine
+from ddp_toolkit.engines.zero3 import gather_zero3_state, load_zero3_weights, scatter_zero3_state
 from ddp_toolkit.plan import BatchPlan
 
 __all__ = ["DeepSpeedConfigError", "DeepSpeedEngine", "deepspeed_config", "load_user_config"]
@@ -39,6 +44,8 @@ REDUCE_OPS = {"all_reduce": (0, "tensor"), "inference_all_reduce": (0, "tensor")
               "reduce_scatter": (1, "input_list"), "reduce_scatter_tensor": (1, "input_tensor")}
 # optimizers whose update depends on the shape of each tensor (trust ratios): ZeRO flattens tensors
 PER_TENSOR_OPTIMIZERS = ("lars", "lamb")
+CHUNK_ELEMENTS = 1 << 24
+"""Optimizer state gathered to rank 0 this many elements (per state key) at a time."""
 
 
 class DeepSpeedConfigError(ConfigError):
@@ -85,9 +92,9 @@ def _zero_stage(user: dict, train, source: str) -> int:
         raise DeepSpeedConfigError(f"DeepSpeed config {source} has zero_optimization.stage {user_stage} but "
                                    f"train.zero_stage is {train.zero_stage}; make them agree or drop one")
     stage = user_stage if _given(user_stage) and not explicit else train.zero_stage
-    if stage not in (0, 1, 2):
-        raise DeepSpeedConfigError(f"ZeRO stage {stage!r} is not supported by the deepspeed engine (stage 3 "
-                                   f"partitions the parameters themselves); use 0, 1 or 2")
+    if stage not in (0, 1, 2, 3):
+        raise DeepSpeedConfigError(f"ZeRO stage {stage!r} is not supported by the deepspeed engine; use 0, 1, 2 "
+                                   f"or 3")
     return stage
 
 
@@ -102,6 +109,12 @@ def _check_other_keys(user: dict, cfg, source: str) -> None:
             raise DeepSpeedConfigError(f"DeepSpeed config {source} enables {key}, which is not supported by the "
                                        f"deepspeed engine; remove it and use train.precision=bf16 (autocast, "
                                        f"fp32 weights)")
+    for key in ("offload_optimizer", "offload_param"):
+        device = ((user.get("zero_optimization") or {}).get(key) or {}).get("device", "none")
+        if device not in (None, "none"):
+            raise DeepSpeedConfigError(f"DeepSpeed config {source} sets zero_optimization.{key}.device {device!r}, "
+                                       f"which the deepspeed engine does not support (its CPU tensors would need "
+                                       f"a gloo path next to nccl); remove it, or use train.engine=fsdp")
     clip = user.get("gradient_clipping")
     if _given(clip) and clip != 0 and clip != cfg.optim.grad_clip:
         raise DeepSpeedConfigError(f"DeepSpeed config {source} has gradient_clipping {clip} but optim.grad_clip "
@@ -188,13 +201,19 @@ class DeepSpeedEngine(Engine):
                                        f"float32 master weights, so the run would silently lose precision; use "
                                        f"model.dtype=float32 or train.zero_stage=0")
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-        # DeepSpeed reads the rank from the environment; a process not started by a launcher has none
-        for name, value in (("LOCAL_RANK", self.env.local_rank), ("RANK", self.env.rank),
-                            ("WORLD_SIZE", self.env.world_size)):
-            os.environ.setdefault(name, str(value))
+        # DeepSpeed reads the rank from the environment (a process not started by a launcher has none) and picks
+        # its GPU from LOCAL_RANK: one device decision, the toolkit's (DistEnv.device, already set as current)
+        device = self.env.device
+        for name, value in (("LOCAL_RANK", device.index if device.type == "cuda" else self.env.local_rank),
+                            ("RANK", self.env.rank), ("WORLD_SIZE", self.env.world_size)):
+            if name == "LOCAL_RANK" and device.type == "cuda":
+                os.environ[name] = str(value)
+            else:
+                os.environ.setdefault(name, str(value))
         if not dist.is_initialized():  # one process: DeepSpeed still wants a process group
-            # an in-process store: under torchrun a tcp:// or env:// init would look for the agent's store
-            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+            # an in-process store: under torchrun a tcp:// or env:// init would look for the agent's store;
+            # the environment's backend (nccl for CUDA tensors, gloo on CPU)
+            dist.init_process_group(self.env.backend, store=dist.HashStore(), rank=0, world_size=1)
             self._own_group = True
         self.ds, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
         self.model = self.ds
@@ -227,7 +246,13 @@ class DeepSpeedEngine(Engine):
         if not self.zero_stage:
             return super().grad_norm()
         optimizer = self.ds.optimizer
-        norm = torch.as_tensor(optimizer.scaled_global_norm(), dtype=torch.float64) / optimizer.loss_scale
+        if self.zero_stage == 3:
+            from deepspeed.runtime.utils import combine_grad_norm_groups
+
+            scaled = combine_grad_norm_groups(optimizer._get_norm_groups())
+        else:
+            scaled = optimizer.scaled_global_norm()
+        norm = torch.as_tensor(scaled, dtype=torch.float64) / optimizer.loss_scale
         return norm if bool(torch.isfinite(norm)) and norm >= 0 else torch.tensor(float("inf"))  # -1 flags inf
 
     def clip_grad(self, max_norm: float, total_norm: torch.Tensor | None = None) -> None:
@@ -246,11 +271,27 @@ class DeepSpeedEngine(Engine):
             self._stepped = True
         self.ds.zero_grad()
 
-    # ---- state ---------------------------------------------------------------------------------------
+    # ---- evaluation and state -----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def evaluation(self):
+        """ZeRO-3: every parameter gathered for the whole pass (ranks may run different numbers of batches)."""
+        if self.zero_stage != 3:
+            yield self.module
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(self.module.parameters())):
+            yield self.module
+
     def model_state(self) -> dict[str, torch.Tensor]:
+        """The full weights; ZeRO-3 gathers them one module at a time to rank 0 (a collective call)."""
+        if self.zero_stage == 3:
+            return self.ds._zero3_consolidated_16bit_state_dict()
         return self.ds.module.state_dict()  # ZeRO 1/2 keep full parameters on every rank
 
     def load_model_state(self, state: dict[str, torch.Tensor]) -> None:
+        if self.zero_stage == 3:
+            return load_zero3_weights(self.ds.module, state, self.env.rank)
         self.ds.module.load_state_dict(state)
         if self.zero_stage:
             from deepspeed.utils import safe_set_full_fp32_param
@@ -260,16 +301,29 @@ class DeepSpeedEngine(Engine):
                     safe_set_full_fp32_param(p, p.detach())  # the fp32 master partitions follow the weights
 
     def optimizer_state(self) -> dict:
-        """torch's per-parameter format (same as the ddp engine); with ZeRO a collective call on every rank."""
+        """torch's per-parameter format (same as the ddp engine), complete on rank 0; a collective call with ZeRO."""
         if not self.zero_stage:
             return self.optimizer.state_dict()
-        return gather_zero_state(self.optimizer, self.ds.optimizer.bit16_groups, self.ds.optimizer.dp_process_group)
+        if self.zero_stage == 3:
+            return gather_zero3_state(self.optimizer, self.ds.optimizer.fp32_partitioned_groups_flat,
+                                      self.ds.optimizer.fp16_groups, self.env.rank)
+        return gather_zero_state(self.optimizer, self.ds.optimizer.bit16_groups, self.ds.optimizer.dp_process_group,
+                                 self.env.rank)
 
     def load_optimizer_state(self, state: dict) -> None:
         if not self.zero_stage:
             self.optimizer.load_state_dict(state)
+        elif self.zero_stage == 3:
+            scatter_zero3_state(self.optimizer, self.ds.optimizer.fp32_partitioned_groups_flat,
+                                self.ds.optimizer.fp16_groups, state)
         else:
             scatter_zero_state(self.optimizer, self.ds.optimizer.bit16_groups, state)
+
+    def load_sharded_state(self, path) -> None:
+        from ddp_toolkit.checkpoint import CheckpointError
+
+        raise CheckpointError(f"checkpoint {path} is sharded (written by the fsdp engine); the deepspeed engine "
+                              f"cannot load it: resume with train.engine=fsdp, or export it (ddp-toolkit export)")
 
     def close(self) -> None:
         self._counter.uninstall()
@@ -288,35 +342,58 @@ def _fragment_keys(flat: torch.Tensor, flat_state: dict) -> list[str]:
     return sorted(k for k, v in flat_state.items() if torch.is_tensor(v) and v.shape == flat.shape)
 
 
-def gather_zero_state(base: torch.optim.Optimizer, groups: list[list[nn.Parameter]], group=None) -> dict:
-    """Every rank's fragments assembled into full per-parameter tensors (call on every rank)."""
+def _chunks(params: list[nn.Parameter], limit: int = CHUNK_ELEMENTS) -> list[list[int]]:
+    """Indices of consecutive parameters, at most `limit` elements per chunk (a bigger parameter alone)."""
+    chunks, size = [[]], 0
+    for i, p in enumerate(params):
+        if chunks[-1] and size + p.numel() > limit:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(i)
+        size += p.numel()
+    return [c for c in chunks if c]
+
+
+def gather_zero_state(base: torch.optim.Optimizer, groups: list[list[nn.Parameter]], group=None, rank: int = 0) -> dict:
+    """Every rank's fragments assembled into full per-parameter CPU tensors on rank 0 (call on every rank).
+
+    Chunk by chunk: each chunk is reduced to rank 0 (every element is owned by exactly one rank, the others add
+    0) and moved to the CPU there, so no rank ever holds the full fp32 moments on its device."""
     state, param_groups, index = {}, [], 0
     for gi, params in enumerate(groups):
         flat = base.param_groups[gi]["params"][0]
         flat_state = base.state.get(flat, {})
         keys = _fragment_keys(flat, flat_state)
-        full = torch.zeros(len(keys), sum(p.numel() for p in params), dtype=flat.dtype, device=flat.device)
-        offset = 0
+        offsets = [0]
         for p in params:
-            mapping = getattr(p, "_hp_mapping", None)
-            if mapping is not None:
-                lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
-                start = offset + lp.start
-                for j, key in enumerate(keys):
-                    full[j, start:start + lp.numel] = flat_state[key][hp.start:hp.start + hp.numel]
-            offset += p.numel()
-        if keys and dist.is_initialized():
-            dist.all_reduce(full, group=group)  # every element is owned by exactly one rank, the others add 0
-        offset, ids = 0, []
-        for p in params:
-            if flat_state:
-                entry = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in flat_state.items() if k not in keys}
-                entry.update({key: full[j, offset:offset + p.numel()].view_as(p).clone() for j, key in enumerate(keys)})
-                state[index] = entry
-            ids.append(index)
-            offset, index = offset + p.numel(), index + 1
-        param_groups.append({**{k: v for k, v in base.param_groups[gi].items() if k != "params"}, "params": ids})
+            offsets.append(offsets[-1] + p.numel())
+        for chunk in _chunks(params):
+            lo = offsets[chunk[0]]
+            part = torch.zeros(len(keys), offsets[chunk[-1] + 1] - lo, dtype=flat.dtype, device=flat.device)
+            for i in chunk:
+                mapping = getattr(params[i], "_hp_mapping", None)
+                if mapping is not None:
+                    lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
+                    start = offsets[i] - lo + lp.start
+                    for j, key in enumerate(keys):
+                        part[j, start:start + lp.numel] = flat_state[key][hp.start:hp.start + hp.numel]
+            if keys and dist.is_initialized() and dist.get_world_size(group) > 1:
+                dist.reduce(part, dst=0, group=group)
+            if rank == 0 and flat_state:
+                part = part.cpu()
+                for i in chunk:
+                    entry = {k: _cpu(v) for k, v in flat_state.items() if k not in keys}
+                    entry.update({key: part[j, offsets[i] - lo:offsets[i + 1] - lo].view_as(params[i]).clone()
+                                  for j, key in enumerate(keys)})
+                    state[index + i] = entry
+        param_groups.append({**{k: v for k, v in base.param_groups[gi].items() if k != "params"},
+                             "params": list(range(index, index + len(params)))})
+        index += len(params)
     return {"state": state, "param_groups": param_groups}
+
+
+def _cpu(value):
+    return value.detach().cpu().clone() if torch.is_tensor(value) else value
 
 
 def scatter_zero_state(base: torch.optim.Optimizer, groups: list[list[nn.Parameter]], saved: dict) -> None:

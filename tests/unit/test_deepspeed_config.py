@@ -60,7 +60,10 @@ def test_matching_or_auto_batch_keys_are_accepted_and_user_keys_kept():
 def test_zero_stage_conflict_and_stage_3_are_refused():
     assert "zero_optimization.stage 2 but train.zero_stage is 1" in refusal({"zero_optimization": {"stage": 2}},
                                                                             cfg(zero_stage=1))
-    assert "ZeRO stage 3 is not supported" in refusal({"zero_optimization": {"stage": 3}})
+    assert deepspeed_config(PLAN, cfg(), {"zero_optimization": {"stage": 3}})["zero_optimization"] == {"stage": 3}
+    assert "ZeRO stage 4 is not supported" in refusal({"zero_optimization": {"stage": 4}})
+    offload = {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}
+    assert "zero_optimization.offload_param.device 'cpu'" in refusal(offload)
 
 
 @pytest.mark.parametrize(("user", "expected"), [
