@@ -92,15 +92,11 @@ def fingerprint(cfg: Config, plan: BatchPlan, schedule: Schedule) -> dict[str, A
 
 
 def preflight(cfg: Config, world_size: int) -> BatchPlan:
-    """Check what can be checked before any worker starts: data, factories, plan, schedule."""
-    from ddp_toolkit.data import build_data, load_factory
+    """Check what can be checked before any worker starts: data, model, step and collate (one sample batch through
+    the step, ddp_toolkit.workload), plan, schedule — so a bad factory or loss is exit 2 here, not a worker crash."""
+    from ddp_toolkit.workload import build_workload
 
-    try:
-        train_set, _ = build_data(cfg.data)
-        if cfg.model.name == "custom":
-            load_factory(cfg.model.factory, "model.factory")
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+    train_set = build_workload(cfg).train_set
     plan = plan_for(cfg, len(train_set), world_size)
     schedule_for(cfg, plan, plan.iterations_in(cfg.train.stop))
     return plan

@@ -110,8 +110,11 @@ class Trainer:
         else:
             self.sampler = GlobalBatchSampler.from_plan(plan, env.rank, seed=cfg.train.seed)
         self.collate_fn = batch_as_is if hasattr(train_set, "__getitems__") else collate_allow_empty
+        # its own generator: starting an iterator draws a base seed from it, never from the global RNG (a resume
+        # mid-epoch starts one more iterator than the straight run: with the global RNG, dropout would differ)
+        self._loader_rng = torch.Generator()
         self.loader = DataLoader(train_set, batch_sampler=self.sampler, num_workers=cfg.train.num_workers,
-                                 collate_fn=self.collate_fn)
+                                 collate_fn=self.collate_fn, generator=self._loader_rng)
         self._empty_template = None
         if eval_set is not None and len(eval_set) == 0:
             eval_set = None  # data.eval_size: 0 means no evaluation
@@ -208,8 +211,11 @@ class Trainer:
 
     def _epoch_batches(self):
         """This rank's micro-batches from the current position (the position lives in `progress`)."""
-        self.sampler.set_epoch(self.progress.epoch)
-        self.sampler.advance(self.progress.iteration_in_epoch)
+        p = self.progress
+        self.sampler.set_epoch(p.epoch)
+        self.sampler.advance(p.iteration_in_epoch)
+        # worker seeds follow the position, so a resumed run's workers get what the straight run's would
+        self._loader_rng.manual_seed(hash((self.cfg.train.seed, self.env.rank, p.epoch, p.iteration_in_epoch)))
         return iter(self.loader)
 
     def _iteration(self, batches) -> IterationResult:

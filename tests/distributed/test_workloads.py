@@ -136,18 +136,31 @@ def _check_run(done: subprocess.CompletedProcess, run_dir: Path) -> None:
 SMOKE = ["train.iterations=3", "train.log_every=1", "data.eval_size=16", "report.console=false"]
 
 
-@pytest.mark.parametrize(("name", "module"), [("char_lm", None), ("hf_causal_lm", "transformers"),
-                                              ("resnet_digits", "torchvision")])
+def _launch_example(name: str, run_dir: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ddp_toolkit.cli", "launch", "--nproc-per-node", "2",
+                           str(EXAMPLES / f"{name}.yaml"), *SMOKE, f"run_dir={run_dir}"], capture_output=True,
+                          text=True, timeout=300, env=worker_env(), cwd=REPO)
+
+
+@pytest.mark.parametrize(("name", "module"), [("char_lm", None), ("hf_causal_lm", "transformers")])
 def test_example_runs_under_ddp_toolkit_launch(tmp_path, name, module):
     if module:
         reason = _importable(module)
         if reason:
             pytest.skip(reason)
-    overrides = [*SMOKE, f"run_dir={tmp_path / 'run'}"]
-    done = subprocess.run([sys.executable, "-m", "ddp_toolkit.cli", "launch", "--nproc-per-node", "2",
-                           str(EXAMPLES / f"{name}.yaml"), *overrides], capture_output=True, text=True,
-                          timeout=300, env=worker_env(), cwd=REPO)
-    _check_run(done, tmp_path / "run")
+    _check_run(_launch_example(name, tmp_path / "run"), tmp_path / "run")
+
+
+def test_resnet_example_runs_or_names_the_missing_extra(tmp_path):
+    """PyPI's torchvision is a CUDA build that cannot import beside the CPU torch 2.13 wheel, so on such a
+    machine the example must stop before any worker starts: one line naming torchvision, exit 2."""
+    done = _launch_example("resnet_digits", tmp_path / "run")
+    if _importable("torchvision") is None:
+        _check_run(done, tmp_path / "run")
+        return
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert [line for line in lines if line.startswith("error:")] == lines[-1:] and "torchvision" in lines[-1]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("accelerate") is None, reason="the accelerate extra is not installed")
