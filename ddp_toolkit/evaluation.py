@@ -1,7 +1,10 @@
 """Exact evaluation: every held-out sample on exactly one rank, sums reduced over ranks, divided once.
 
 The eval loss is the mean per item with the same counting as training (tokens for a token loss); perplexity
-is reported for token losses, accuracy only where it is defined (class scores against class labels).
+is reported for token losses, accuracy only where it is defined (class scores against class labels). A step
+may add its own metrics: `step.metric_names` (a tuple, the same on every rank) and
+`step.metrics(outputs, batch) -> {name: (sum, count)}`, summed over every batch and rank exactly and reported as
+`eval_<name>` = sum / count.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ class Evaluator:
 
     def __init__(self, eval_set: Dataset, step, env: DistEnv, batch_size: int, collate_fn, every: int = 0) -> None:
         self.eval_set, self.step, self.env, self.every = eval_set, step, env, every
+        self._user_names: tuple[str, ...] = tuple(getattr(step, "metric_names", ()))
         sampler = EvalSampler(len(eval_set), env.world_size, env.rank, batch_size)
         self.loader = DataLoader(eval_set, batch_sampler=sampler, collate_fn=collate_fn)
 
@@ -35,6 +39,7 @@ class Evaluator:
         was_training = model.training
         model.eval()
         sums = {"loss": 0.0, "correct": 0.0, "items": 0.0, "samples": 0.0, "classified": 0.0}
+        sums.update({f"user.{name}.{part}": 0.0 for name in self._user_names for part in ("sum", "count")})
         for batch in self.loader:
             if batch is None:
                 continue
@@ -48,6 +53,7 @@ class Evaluator:
             if isinstance(outputs, torch.Tensor) and targets is not None and outputs.ndim == 2 and targets.ndim == 1:
                 sums["correct"] += float((outputs.argmax(dim=1) == targets).sum())
                 sums["classified"] += len(targets)
+            self._add_user_metrics(sums, outputs, batch)
         total = reduce_metric_sums(sums, self.env.device)
         model.train(was_training)
         loss = total["loss"] / total["items"] if total["items"] else math.nan
@@ -56,7 +62,20 @@ class Evaluator:
             result["eval_accuracy"] = total["correct"] / total["classified"]
         if self.step.item_name == "tokens":
             result["eval_perplexity"] = math.exp(loss) if loss < 700 else math.inf
+        for name in self._user_names:
+            count = total[f"user.{name}.count"]
+            result[f"eval_{name}"] = total[f"user.{name}.sum"] / count if count else math.nan
         return result
+
+    def _add_user_metrics(self, sums: dict[str, float], outputs, batch) -> None:
+        """The step's own metrics (`metrics(outputs, batch) -> {name: (sum, count)}`), if it has any."""
+        if not self._user_names:
+            return
+        values = self.step.metrics(outputs, batch)
+        for name in self._user_names:  # every rank reduces the same keys, even one whose shard is empty
+            value, count = values[name]
+            sums[f"user.{name}.sum"] += float(value)
+            sums[f"user.{name}.count"] += float(count)
 
 
 def _batch_len(batch) -> int:

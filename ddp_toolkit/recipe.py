@@ -78,11 +78,18 @@ def fingerprint(cfg: Config, plan: BatchPlan, schedule: Schedule) -> dict[str, A
     """Everything that changes the trajectory, as flat `key: value` pairs (what a resume must match).
 
     World size and micro-batch size are left out on purpose: the global order and the exact global-mean
-    gradient depend on B, not on how it is split, so a run may resume at another W (elastic resume).
+    gradient depend on B, not on how it is split, so a run may resume at another W (elastic resume) — except
+    with `data.order: distributed_sampler`, whose order depends on W.
     """
+    t = cfg.train
     out: dict[str, Any] = {"global_batch_size": plan.global_batch_size, "dataset_size": plan.dataset_size,
-                           "drop_last": plan.drop_last, "train.seed": cfg.train.seed,
-                           "train.precision": cfg.train.precision, "train.sync_batchnorm": cfg.train.sync_batchnorm}
+                           "drop_last": plan.drop_last, "train.seed": t.seed, "train.precision": t.precision,
+                           "train.sync_batchnorm": t.sync_batchnorm}
+    for key in ("loss", "ignore_index", "causal_shift", "loss_factory", "deterministic"):  # what the loss means
+        if hasattr(t, key):
+            out[f"train.{key}"] = getattr(t, key)
+    if getattr(cfg.data, "order", "global") != "global":
+        out["world_size"] = plan.world_size
     for section in ("data", "model", "optim"):
         for key, value in getattr(cfg, section).model_dump(mode="json").items():
             out[f"{section}.{key}"] = value

@@ -263,3 +263,44 @@ def eval_json(line: str) -> dict:
     import json
 
     return json.loads(line)
+
+
+# ---- evaluation: exact sums, accuracy only where defined, a step's own metrics -----------------------------------
+class _MetricStep:
+    """A TupleStep with a user metric: the mean absolute logit of the true class."""
+
+    metric_names = ("true_logit",)
+
+    def __init__(self) -> None:
+        from ddp_toolkit.step import TupleStep
+
+        self.inner = TupleStep()
+        self.item_name, self.counts_samples = "samples", True
+
+    def count(self, batch):
+        return self.inner.count(batch)
+
+    def forward(self, model, batch):
+        return self.inner.forward(model, batch)
+
+    def metrics(self, outputs, batch):
+        picked = outputs.gather(1, batch[1][:, None]).abs()
+        return {"true_logit": (float(picked.sum()), len(picked))}
+
+
+def test_evaluator_reports_loss_accuracy_and_a_steps_own_metric_exactly() -> None:
+    from ddp_toolkit.batches import batch_as_is
+    from ddp_toolkit.evaluation import Evaluator
+
+    torch.manual_seed(0)
+    data = TensorData(torch.randn(23, 4, dtype=torch.float64), torch.randint(0, 3, (23,)))
+    model = nn.Linear(4, 3).double()
+    env = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, launcher="test")
+    result = Evaluator(data, _MetricStep(), env, batch_size=5, collate_fn=batch_as_is).run(model)
+    with torch.no_grad():
+        logits = model(data.x)
+    expected_loss = float(torch.nn.functional.cross_entropy(logits, data.y))
+    assert result["eval_loss"] == pytest.approx(expected_loss, rel=1e-12)
+    assert result["eval_accuracy"] == float((logits.argmax(1) == data.y).double().mean())
+    assert result["eval_true_logit"] == pytest.approx(float(logits.gather(1, data.y[:, None]).abs().mean()), rel=1e-12)
+    assert result["eval_items"] == result["eval_samples"] == 23 and "eval_perplexity" not in result
