@@ -122,3 +122,40 @@ def identity_collate(batch):
 
 def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
+
+
+def train_in_process(raw: dict, model, data, run_dir: str | Path) -> tuple[list[dict], dict]:
+    """One W = 1 Trainer run in this process (no process group); its metrics rows and summary."""
+    from ddp_toolkit.config import Config
+    from ddp_toolkit.dist import DistEnv
+    from ddp_toolkit.trainer import Trainer
+
+    cfg = Config.model_validate({**raw, "run_dir": str(run_dir), "report": {"console": False, "jsonl": True,
+                                                                           **raw.get("report", {})}})
+    summary = Trainer(model, data, cfg, env=DistEnv()).fit()
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows if "loss" in r and "iteration" in r], summary
+
+
+def parse_in_process(parser, argv: list[str] | None):
+    """--device (cpu hides the GPUs, before the first CUDA call) and --quick for the in-process benchmarks; one
+    CPU thread, as the spawned ones use."""
+    import argparse
+
+    assert isinstance(parser, argparse.ArgumentParser)
+    parser.add_argument("--device", choices=["auto", "cpu"], default="auto", help="cpu hides the GPUs")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
+    args = parser.parse_args(argv)
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    torch.set_num_threads(1)
+    return args
+
+
+def document(name: str, settings: dict, results, load_before: float) -> dict:
+    """The JSON document of a benchmark: name, date, machine (with the 1-minute load before / after), results."""
+    from datetime import datetime, timezone
+
+    return {"benchmark": name, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": {**machine(), "load_average_1min": [load_before, os.getloadavg()[0]]},
+            "settings": settings, "results": results}

@@ -1,5 +1,8 @@
 """`ddp-toolkit plan [CONFIG] [key.path=value ...] [--world-size W ...]`: the batch plan of a config or of flags.
 
+With `--bandwidth 25GB/s` it also prints a scaling estimate for W = 8 … 1024 (scaling.py) from `--grad-bytes` and
+`--micro-step-ms`, or from a run's metrics.jsonl (`--from-run RUN_DIR`); with only those flags, only the estimate.
+
 Without CONFIG the plan comes from the flags (any three of B, b, W, k; W and k default to 1) and every other
 setting is the config default. With CONFIG its batch fills in what the flags leave out; a config value that
 contradicts a batch flag gives way to the flag. Flags are the newest input, so they win.
@@ -11,7 +14,7 @@ import argparse
 import json
 import sys
 
-from ddp_toolkit.cli_types import Count, IntermixedParser, Number, UsageError, split_config_inputs
+from ddp_toolkit.cli_types import Count, IntermixedParser, Number, OneLine, UsageError, split_config_inputs
 from ddp_toolkit.config import Config, apply_overrides, load_raw, validate
 from ddp_toolkit.duration import Duration
 from ddp_toolkit.lr import SCALING_RULES
@@ -59,7 +62,25 @@ def add_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--explain", dest="output", action="store_const", const="explain",
                    help="explain the numbers in plain sentences")
     p.add_argument("--verbose", action="store_true", help="also print the full split of the last batch")
+    _add_scaling_flags(p)
     p.set_defaults(func=_cmd_plan, output="table")
+
+
+_QUANTITY_TEXT = r"\s*[0-9.]+(e[+-]?[0-9]+)?\s*([kKmMgGtT]i?)?[bB]?(/s)?\s*"
+
+
+def _add_scaling_flags(p: argparse.ArgumentParser) -> None:
+    """--bandwidth asks for the scaling estimate; its inputs come from flags or from a run (#18)."""
+    p.add_argument("--bandwidth", type=OneLine(64, _QUANTITY_TEXT, "a bandwidth such as 25GB/s or 200Gb/s"),
+                   help="link bandwidth per GPU for the ring all-reduce (25GB/s; Gb/s is bits): print the expected "
+                        "iteration time and communication share for W = 8 … 1024")
+    p.add_argument("--grad-bytes", type=OneLine(64, _QUANTITY_TEXT, "a size such as 21MB or 2.1e7"),
+                   help="gradient bytes all-reduced per iteration (21MB)")
+    p.add_argument("--micro-step-ms", type=Number(), help="measured forward+backward time of one micro-step, ms")
+    p.add_argument("--latency-us", type=Number(0.0, inclusive=True),
+                   help="latency per ring step in µs (default 10)")
+    p.add_argument("--from-run", type=OneLine(4096), metavar="RUN_DIR",
+                   help="take grad bytes and micro-step time from RUN_DIR/metrics.jsonl")
 
 
 def _config_of(args: argparse.Namespace) -> tuple[Config, bool]:
@@ -110,11 +131,46 @@ def plan_from_args(args: argparse.Namespace) -> tuple[Config, BatchPlan]:
     return cfg, BatchPlan.solve(n, drop_last=cfg.batch.drop_last, **_factors(args, cfg, from_file))
 
 
+def _scaling(args: argparse.Namespace, grad_accum_steps: int | None) -> dict | None:
+    """The scaling estimate (scaling.as_dict) when --bandwidth is given; one line for missing or bad inputs."""
+    from ddp_toolkit import scaling
+
+    if args.bandwidth is None:
+        if args.grad_bytes or args.micro_step_ms or args.from_run or args.latency_us is not None:
+            raise UsageError("plan: --grad-bytes, --micro-step-ms, --latency-us and --from-run need --bandwidth")
+        return None
+    try:
+        measured = scaling.from_run(args.from_run) if args.from_run else {}
+        inputs = {"bandwidth": scaling.parse_bandwidth(args.bandwidth),
+                  "grad_bytes": scaling.parse_size(args.grad_bytes) if args.grad_bytes else measured.get("grad_bytes"),
+                  "micro_step_seconds": args.micro_step_ms / 1e3 if args.micro_step_ms
+                  else measured.get("micro_step_seconds"),
+                  "latency_s": (args.latency_us if args.latency_us is not None else 10.0) / 1e6,
+                  "grad_accum_steps": grad_accum_steps or measured.get("grad_accum_steps", 1),
+                  "max_share": scaling.DEFAULT_MAX_SHARE}
+    except (ValueError, OSError) as err:
+        raise UsageError(f"plan: {err}") from None
+    if inputs["grad_bytes"] is None or not inputs["micro_step_seconds"]:
+        raise UsageError("plan: --bandwidth needs --grad-bytes and --micro-step-ms, or --from-run RUN_DIR")
+    points = scaling.estimate(inputs["grad_bytes"], inputs["micro_step_seconds"], inputs["bandwidth"],
+                              grad_accum_steps=inputs["grad_accum_steps"], latency_s=inputs["latency_s"],
+                              max_share=inputs["max_share"])
+    return {**scaling.as_dict(points, {**inputs, **{k: v for k, v in measured.items() if k.endswith("_from")}}),
+            "text": scaling.render(points, inputs)}
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     from ddp_toolkit import plan_report
 
+    if args.bandwidth is not None and not (args.inputs or args.dataset_size):  # the estimate alone
+        estimate = _scaling(args, args.grad_accum_steps)
+        print(json.dumps(estimate, indent=2) if args.output == "json" else estimate["text"])
+        return 0
     cfg, plan = plan_from_args(args)
     info = plan_report.plan_info(cfg, plan, list(dict.fromkeys(args.lr_rule or [])))
+    estimate = _scaling(args, plan.grad_accum_steps)
+    if estimate is not None:
+        info["scaling"] = estimate
     for kind in ("warning", "note"):
         for line in info[f"{kind}s"]:
             print(f"{kind}: {line}", file=sys.stderr)
@@ -124,4 +180,6 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         print(plan_report.explain_plan(plan, info))
     else:
         plan_report.print_plan_table(plan, info, verbose=args.verbose)
+    if estimate is not None and args.output != "json":
+        print(estimate["text"])
     return 0

@@ -225,7 +225,8 @@ class TrainConfig(_Section):
     resume: PathText = "never"
     """`never`, `auto` (latest valid checkpoint in run_dir) or a checkpoint directory."""
     sync_batchnorm: Bool = False
-    """Convert BatchNorm to SyncBatchNorm (statistics over the devices of one micro_step)."""
+    """Convert BatchNorm to SyncBatchNorm (statistics over the devices of one micro_step); CUDA only (torch's
+    SyncBatchNorm refuses CPU tensors), and not with precision=bf16 until a GPU test covers it."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """Compute precision of the forward and backward passes."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
@@ -246,6 +247,20 @@ class TrainConfig(_Section):
     """Timeout of the process group's rendezvous and collectives, in seconds."""
     num_workers: Int = Field(0, ge=0, le=1024)
     """DataLoader worker processes per rank."""
+    pin_memory: Bool | None = None
+    """DataLoader pinned host memory (faster host-to-GPU copies); default true on CUDA, false on CPU."""
+    prefetch_factor: Int | None = Field(None, ge=1, le=1024)
+    """Micro-batches each DataLoader worker loads ahead (num_workers > 0 only; default torch's 2)."""
+    persistent_workers: Bool = False
+    """Keep the DataLoader workers alive between epochs (num_workers > 0 only)."""
+    compile: Bool = False
+    """torch.compile the model before the engine wraps it (first iterations slower; eager when false)."""
+    deterministic: Bool = False
+    """Deterministic kernels (torch.use_deterministic_algorithms, cuDNN deterministic, no benchmark, no TF32,
+    CUBLAS_WORKSPACE_CONFIG): with it a resume is bit-identical to the uninterrupted run on CUDA too; without it
+    bit-identical on CPU only (on CUDA, atomics-based kernels may differ in the last bits)."""
+    tf32: Bool | None = None
+    """TensorFloat-32 matmuls and convolutions on CUDA (faster, ~10-bit mantissa); default torch's own."""
     loss: Literal["cross_entropy", "token_cross_entropy", "mse", "custom"] = "cross_entropy"
     """Per-item loss: per sample (cross_entropy, mse), per token (token_cross_entropy), or custom with
     loss_factory; the update is its exact mean over the items of the global batch."""

@@ -1,6 +1,8 @@
 """Who am I in the job: rank information from torchrun, accelerate, deepspeed or SLURM; process group setup.
 
-The backend follows the device: nccl when CUDA is available, gloo on CPU.
+The backend follows the device: nccl when CUDA is available, gloo on CPU. One device per process:
+`cuda_device_index` refuses to put two ranks of a node on one GPU; `check_device_settings` and
+`apply_numerics` check and apply the device-dependent settings (bf16, SyncBatchNorm, TF32, deterministic).
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ import torch
 import torch.distributed as dist
 
 from ddp_toolkit.cluster import expand_nodelist, master_port_for_job
+from ddp_toolkit.errors import InputError
 
-__all__ = ["DistEnv", "distributed", "detect_launcher", "all_reduce_sum", "watch_launcher"]
+__all__ = ["DistEnv", "DeviceError", "apply_numerics", "check_device_settings", "cuda_device_index", "distributed",
+           "detect_launcher", "all_reduce_sum", "watch_launcher"]
 
 ORPHAN_GRACE_S = 30.0
 """After its launcher died, how long a worker may take to checkpoint and exit before it exits anyway."""
@@ -83,6 +87,8 @@ class DistEnv:
     master_port: int = 29500
     launcher: str = "none"
     slurm_job_id: str | None = None
+    gpus_per_task: bool = False
+    """Slurm binds each task to its own GPU(s) (`srun --gpus-per-task`): every task uses its device 0."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> DistEnv:
@@ -120,7 +126,7 @@ class DistEnv:
             local_world_size=_tasks_on_node(per_node, node), node_rank=node,
             master_addr=env.get("MASTER_ADDR") or expand_nodelist(nodelist)[0],
             master_port=int(env.get("MASTER_PORT") or master_port_for_job(int(job_id or 0))),
-            launcher="slurm", slurm_job_id=job_id,
+            launcher="slurm", slurm_job_id=job_id, gpus_per_task=bool(env.get("SLURM_GPUS_PER_TASK")),
         )
 
     @property
@@ -137,14 +143,62 @@ class DistEnv:
 
     @functools.cached_property
     def device(self) -> torch.device:
+        """This rank's GPU (see `cuda_device_index`), or the CPU when CUDA is not available."""
         if torch.cuda.is_available():
-            return torch.device("cuda", self.local_rank % torch.cuda.device_count())
+            return torch.device("cuda", cuda_device_index(self.local_rank, self.local_world_size,
+                                                          torch.cuda.device_count(), self.gpus_per_task))
         return torch.device("cpu")
 
     def describe_launcher(self) -> str:
         """`torchrun`, `accelerate`, ... plus the SLURM job id when there is one."""
         text = self.launcher if self.launcher != "none" else "single process"
         return f"{text} (SLURM job {self.slurm_job_id})" if self.slurm_job_id else text
+
+
+class DeviceError(InputError):
+    """A device setting this machine cannot honour (GPUs per node, bf16, SyncBatchNorm); exit 2."""
+
+
+def cuda_device_index(local_rank: int, local_world_size: int, device_count: int, gpus_per_task: bool = False) -> int:
+    """The GPU of local rank `local_rank`: its own index when the node shows every process all its GPUs; 0 when
+    Slurm gives each task its own (`--gpus-per-task`). Two ranks on one GPU is an error, not a silent modulo."""
+    if gpus_per_task:
+        return 0
+    if local_world_size > device_count:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        shown = f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
+        raise DeviceError(f"{local_world_size} processes on this node but {device_count} GPU"
+                          f"{'s' if device_count != 1 else ''} visible{shown}: two ranks would share a GPU; start "
+                          f"one process per GPU, or give each task its own GPU (srun --gpus-per-task=1)")
+    return local_rank
+
+
+def check_device_settings(device: torch.device, *, precision: str, sync_batchnorm: bool,
+                          distributed: bool) -> None:
+    """One line for a setting the device cannot run: bf16 before Ampere, SyncBatchNorm on CPU or with bf16."""
+    if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise DeviceError(f"train.precision=bf16: {torch.cuda.get_device_name(device)} does not support bfloat16 "
+                          f"(Ampere or newer needed); use train.precision=fp32")
+    if not (sync_batchnorm and distributed):
+        return
+    if device.type != "cuda":
+        raise DeviceError("train.sync_batchnorm=true needs CUDA: torch's SyncBatchNorm refuses CPU tensors; "
+                          "set train.sync_batchnorm=false on CPU")
+    if precision == "bf16":
+        raise DeviceError("train.sync_batchnorm=true with train.precision=bf16 is not supported yet (not tested "
+                          "on a GPU); use one or the other")
+
+
+def apply_numerics(device: torch.device, *, deterministic: bool, tf32: bool | None) -> None:
+    """Deterministic algorithms (cuDNN deterministic, no benchmark, no TF32, CUBLAS workspace) and the TF32
+    switch on CUDA; `tf32=None` keeps torch's default. Process-wide, so called once per worker."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read by cuBLAS at its first handle
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        tf32 = False
+    if tf32 is not None and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
 
 
 @contextlib.contextmanager
@@ -162,7 +216,8 @@ def distributed(env: DistEnv, timeout_s: float = 600) -> Iterator[DistEnv]:
         timeout = timedelta(seconds=timeout_s)
         store = _attempt_store(env, timeout)
         dist.init_process_group(env.backend, rank=env.rank, world_size=env.world_size, timeout=timeout,
-                                store=store if store is not None else _loopback_store(env, timeout))
+                                store=store if store is not None else _loopback_store(env, timeout),
+                                device_id=env.device if env.device.type == "cuda" else None)  # NCCL bound now
         created = True
     try:
         yield env

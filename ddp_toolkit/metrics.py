@@ -88,6 +88,12 @@ class ScalarReduce:
         return dict(zip(names, all_reduce_sum([self.values[n] for n in names], device), strict=True))
 
 
+def _data_wait_fraction(result: IterationResult) -> float | None:
+    """Share of the logged iteration spent waiting for its micro-batches (host clock of this rank)."""
+    waited, seconds = getattr(result, "data_seconds", None), result.seconds
+    return waited / seconds if waited is not None and seconds > 0 else None
+
+
 class MetricsLogger:
     """Decides which iterations are logged and builds their rows; rank 0's reporter writes them."""
 
@@ -171,6 +177,7 @@ class MetricsLogger:
             "iteration_seconds": result.seconds, "data_seconds": result.data_seconds,
             "compute_seconds": result.compute_seconds, "optimizer_seconds": result.step_seconds,
             "peak_memory_mib": self._peak_memory_mib(),
+            "data_wait_fraction": _data_wait_fraction(result),
             **(extra or {}),
         }
         self.reporter.log(row)

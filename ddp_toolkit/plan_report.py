@@ -54,6 +54,8 @@ PLAN_FIELDS: dict[str, str] = {
     "warnings": "lines about settings that cannot take effect, e.g. a scaling rule without a reference batch "
                 "(also printed on stderr)",
     "notes": "lines about settings adapted to this run, e.g. a warmup cut to the run (also printed on stderr)",
+    "scaling": "with --bandwidth only: the ring all-reduce estimate for W = 8 … 1024 (inputs, `points` with "
+               "world_size, comm_seconds, iteration_seconds, comm_share, hiding_k; see ddp_toolkit/scaling.py)",
 }
 """Every key of `ddp-toolkit plan --json`, with its meaning (docs/config.md is generated from this)."""
 

@@ -6,6 +6,8 @@
   `RunDirBusy`, naming the holder.
 - `check_writable(run_dir)`: run_dir, checkpoints/ and final/ exist (created if needed) and accept a file,
   checked before training instead of at the first checkpoint.
+- `check_shared(run_dir, ...)`: every rank sees the file rank 0 wrote into run_dir (a multi-node run needs one
+  run_dir on a shared file system); `RunDirNotShared` otherwise, on every rank.
 - `archive_previous_run(run_dir)`: a fresh run moves the outputs of an older run into
   `run_dir/previous/<UTC time>/`; nothing is deleted.
 - `atomic_write`/`atomic_path`: outputs replace their file atomically; a symlink in the way is replaced,
@@ -23,13 +25,14 @@ import re
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ddp_toolkit.errors import InputError, RunError
 
 __all__ = ["OUTPUT_NAMES", "RunDirBusy", "RunDirLock", "RunDirUnwritable", "append_line", "archive_previous_run",
-           "atomic_path", "atomic_write", "check_writable", "describe_os_error", "os_error_in"]
+           "atomic_path", "atomic_write", "check_shared", "check_writable", "describe_os_error", "os_error_in",
+           "RunDirNotShared"]
 
 LOCK_NAME = ".lock"
 PREVIOUS_DIR = "previous"
@@ -183,6 +186,39 @@ def check_writable(run_dir: Path | str, subdirs: tuple[str, ...] = ("checkpoints
             os.unlink(probe)
         except OSError as err:
             raise RunDirUnwritable(f"cannot write into {path}: {describe_os_error(err)}") from None
+
+
+# ---- one run_dir for every rank (#22) -------------------------------------------------------------------------
+SHARED_CHECK_NAME = ".shared-check"
+
+
+class RunDirNotShared(InputError):
+    """Some ranks do not see the run directory rank 0 writes into (not on a shared file system)."""
+
+
+def check_shared(run_dir: Path | str, rank: int, world_size: int,
+                 reduce_sum: Callable[[list[float]], list[float]]) -> None:
+    """Rank 0 writes a random token into run_dir; after a sum over ranks (the barrier, which also hands every rank
+    the token) each rank reads it back; a second sum counts the ranks that could not, and all of them raise.
+
+    `reduce_sum` sums floats over ranks (dist.all_reduce_sum); the token fits a float64 exactly (48 bits).
+    """
+    path = Path(run_dir) / SHARED_CHECK_NAME
+    token = int.from_bytes(os.urandom(6), "big") if rank == 0 else 0
+    if rank == 0:
+        atomic_write(path, str(token))
+    token = int(reduce_sum([float(token)])[0])
+    try:
+        seen = path.read_text() == str(token)
+    except OSError:
+        seen = False
+    missing = int(reduce_sum([0.0 if seen else 1.0])[0])
+    if rank == 0:
+        with contextlib.suppress(OSError):
+            path.unlink()
+    if missing:
+        raise RunDirNotShared(f"run_dir {run_dir} is not shared: {missing} of {world_size} ranks cannot read the "
+                              f"file rank 0 wrote there; a multi-node run needs a run_dir on a shared file system")
 
 
 # ---- a fresh run moves an older run aside ----------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from ddp_toolkit import plan_report
 from ddp_toolkit.batches import batch_as_is, empty_like, to_device
 from ddp_toolkit.config import Config
-from ddp_toolkit.dist import DistEnv, all_reduce_sum, distributed
+from ddp_toolkit.dist import DistEnv, all_reduce_sum, apply_numerics, check_device_settings, distributed
 from ddp_toolkit.engines import Engine, build_engine
 from ddp_toolkit.errors import RunError
 from ddp_toolkit.evaluation import Evaluator
@@ -42,7 +43,7 @@ from ddp_toolkit.recipe import (
 )
 from ddp_toolkit.recipe import train_from_config as train_from_config
 from ddp_toolkit.reporting import Reporter, write_final_weights
-from ddp_toolkit.rundir import RunDirLock, archive_previous_run, check_writable
+from ddp_toolkit.rundir import RunDirLock, archive_previous_run, check_shared, check_writable
 from ddp_toolkit.sampler import GlobalBatchSampler, collate_allow_empty
 from ddp_toolkit.state import CheckpointManager, EngineState, broadcast_from_main
 from ddp_toolkit.step import Step, TupleStep, default_loss
@@ -101,6 +102,8 @@ class Trainer:
     def _build(self, model: nn.Module, train_set: Dataset, eval_set: Dataset | None) -> None:
         """Everything that needs the process group: the wrapped model, data, reports, checkpoints."""
         cfg, env, plan = self.cfg, self.env, self.plan
+        if env.is_distributed:  # #22: every rank must see rank 0's run_dir (multi-node: a shared file system)
+            check_shared(self.run_dir, env.rank, env.world_size, lambda v: all_reduce_sum(v, env.device))
         self._prepare_model(model)
         self.scheduler = build_scheduler(self.engine.optimizer, self.schedule)
         if cfg.data.order == "distributed_sampler":  # #20 item 5: torch's DistributedSampler order (orders.py)
@@ -113,8 +116,8 @@ class Trainer:
         # its own generator: starting an iterator draws a base seed from it, never from the global RNG (a resume
         # mid-epoch starts one more iterator than the straight run: with the global RNG, dropout would differ)
         self._loader_rng = torch.Generator()
-        self.loader = DataLoader(train_set, batch_sampler=self.sampler, num_workers=cfg.train.num_workers,
-                                 collate_fn=self.collate_fn, generator=self._loader_rng)
+        self.loader = DataLoader(train_set, batch_sampler=self.sampler, collate_fn=self.collate_fn,
+                                 generator=self._loader_rng, **self._loader_options())
         self._empty_template = None
         if eval_set is not None and len(eval_set) == 0:
             eval_set = None  # data.eval_size: 0 means no evaluation
@@ -140,11 +143,26 @@ class Trainer:
             keep=cfg.train.keep_checkpoints, allow_change=cfg.train.allow_config_change)
         self.summary: dict = {}
 
+    def _loader_options(self) -> dict:
+        """num_workers, pin_memory (default: on CUDA) and, with workers, prefetch_factor / persistent_workers."""
+        train, cuda = self.cfg.train, self.env.device.type == "cuda"
+        out = {"num_workers": train.num_workers, "pin_memory": cuda if train.pin_memory is None else train.pin_memory}
+        if train.num_workers:
+            out.update(prefetch_factor=train.prefetch_factor, persistent_workers=train.persistent_workers)
+        return out
+
     def _prepare_model(self, model: nn.Module) -> None:
+        train, env = self.cfg.train, self.env
+        check_device_settings(env.device, precision=train.precision, sync_batchnorm=train.sync_batchnorm,
+                              distributed=env.is_distributed)  # #22: one line for what the device cannot run
+        apply_numerics(env.device, deterministic=train.deterministic, tf32=train.tf32)
         torch.manual_seed(self.cfg.train.seed + self.env.rank)
         if self.cfg.train.sync_batchnorm and self.env.is_distributed:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = model.to(self.env.device)
+        if train.compile:  # the forward, in place: state_dict keys unchanged, the engine wraps the model as usual
+            model.forward = types.MethodType(torch.compile(type(model).forward), model)  # (Module.compile traces
+            # nothing in torch 2.13); a method, so a deep copy (the FLOP count's meta copy) binds its own model
         self.engine.prepare(model, make_optimizer(self.cfg, self.plan, model.parameters()))
 
     def lr_info(self) -> dict:

@@ -16,6 +16,7 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 def run_quick(monkeypatch, capsys, script: str) -> dict:
     monkeypatch.syspath_prepend(str(BENCHMARKS))  # spawned workers inherit sys.path and import the script
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # `--device cpu` in process; restored after the test
     try:
         module = importlib.import_module(script)
         capsys.readouterr()
@@ -45,3 +46,10 @@ def test_comm_quick(monkeypatch, capsys):
     assert all(document["checks"].values()), document["checks"]
     assert [row["grad_accum_steps"] for row in document["results"]] == [1, 4]
 
+
+
+def test_data_wait_quick(monkeypatch, capsys):
+    document = run_quick(monkeypatch, capsys, "data_wait")
+    results = document["results"]
+    assert [r["num_workers"] for r in results] == [0, 2]
+    assert all(0 <= r["data_wait_fraction_median"] <= 1 for r in results), results

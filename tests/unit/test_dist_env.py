@@ -6,12 +6,26 @@ deepspeed launcher, srun); the SLURM ones were read from tasks of a real job.
 
 from __future__ import annotations
 
+import os
 import socket
+import threading
 from datetime import timedelta
 
 import pytest
+import torch
 
-from ddp_toolkit.dist import DistEnv, _loopback_family, _loopback_store, detect_launcher, watch_launcher
+from ddp_toolkit.dist import (
+    DeviceError,
+    DistEnv,
+    _loopback_family,
+    _loopback_store,
+    apply_numerics,
+    check_device_settings,
+    cuda_device_index,
+    detect_launcher,
+    watch_launcher,
+)
+from ddp_toolkit.rundir import RunDirNotShared, check_shared
 from ddp_toolkit.slurm import master_port_for_job
 
 TORCHRUN_RANK5 = {  # node 1 of 2, 4 workers per node, as torch.distributed.run sets it
@@ -140,3 +154,91 @@ def test_store_of_a_loopback_master_listens_on_loopback_only(addr: str) -> None:
                  if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
     assert [a.ip for a in listening] == [addr]
     assert _loopback_store(DistEnv(master_addr="10.0.0.1"), timedelta(seconds=1)) is None
+
+
+# ---- one device per process, device settings (#22) ---------------------------------------------------------------
+def test_cuda_device_index_one_gpu_per_local_rank():
+    assert [cuda_device_index(r, 4, 4) for r in range(4)] == [0, 1, 2, 3]
+    assert cuda_device_index(1, 2, 8) == 1  # more GPUs than processes: each takes its own index
+
+
+def test_two_ranks_on_one_gpu_is_one_error(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with pytest.raises(DeviceError, match=r"4 processes on this node but 2 GPUs visible \(CUDA_VISIBLE_DEVICES=0,1\)"):
+        cuda_device_index(3, 4, 2)
+
+
+def test_gpus_per_task_binding_uses_device_0():
+    env = DistEnv.from_env({**SLURM_STEP_RANK5, "SLURM_GPUS_PER_TASK": "1"})
+    assert env.gpus_per_task and cuda_device_index(env.local_rank, env.local_world_size, 1, env.gpus_per_task) == 0
+    assert not DistEnv.from_env(SLURM_STEP_RANK5).gpus_per_task
+
+
+def test_device_settings_refused_in_one_line(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    check_device_settings(cpu, precision="bf16", sync_batchnorm=True, distributed=False)  # W = 1: no SyncBN
+    with pytest.raises(DeviceError, match="needs CUDA"):
+        check_device_settings(cpu, precision="fp32", sync_batchnorm=True, distributed=True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
+    with pytest.raises(DeviceError, match="Tesla V100 does not support bfloat16"):
+        check_device_settings(cuda, precision="bf16", sync_batchnorm=False, distributed=False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    with pytest.raises(DeviceError, match="sync_batchnorm=true with train.precision=bf16"):
+        check_device_settings(cuda, precision="bf16", sync_batchnorm=True, distributed=True)
+    check_device_settings(cuda, precision="fp32", sync_batchnorm=True, distributed=True)
+
+
+def test_deterministic_mode(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+              torch.backends.cudnn.benchmark)
+    try:
+        apply_numerics(torch.device("cpu"), deterministic=True, tf32=None)
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert not torch.backends.cudnn.benchmark and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[1:]
+
+
+def _fake_group(world: int):
+    """reduce_sum functions of `world` simulated ranks (threads): sum of the values every rank passed."""
+    slots, barrier = [None] * world, threading.Barrier(world)
+
+    def reduce_for(rank: int):
+        def reduce_sum(values: list[float]) -> list[float]:
+            slots[rank] = values
+            barrier.wait()
+            total = [sum(v[i] for v in slots) for i in range(len(values))]
+            barrier.wait()
+            return total
+        return reduce_sum
+    return [reduce_for(r) for r in range(world)]
+
+
+def _check_shared_on_ranks(dirs: list) -> list:
+    reduces, errors = _fake_group(len(dirs)), [None] * len(dirs)
+
+    def run(rank: int) -> None:
+        try:
+            check_shared(dirs[rank], rank, len(dirs), reduces[rank])
+        except RunDirNotShared as err:
+            errors[rank] = err
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(len(dirs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    return errors
+
+
+def test_check_shared_run_dir(tmp_path):
+    assert _check_shared_on_ranks([tmp_path, tmp_path, tmp_path]) == [None, None, None]
+    assert not any(tmp_path.iterdir())  # the token file is removed
+    other = tmp_path / "node2"
+    other.mkdir()
+    errors = _check_shared_on_ranks([tmp_path, other])  # rank 1's run_dir is another file system
+    assert all(e is not None for e in errors)
+    assert str(errors[0]) == (f"run_dir {tmp_path} is not shared: 1 of 2 ranks cannot read the file rank 0 wrote "
+                              f"there; a multi-node run needs a run_dir on a shared file system")
