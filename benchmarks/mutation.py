@@ -1,7 +1,7 @@
 """A small, honest mutation run over the pure core: plan.py, permutation.py, lr.py, duration.py.
 
 Each mutant changes one AST node inside one function (an operator, a comparison, an `and`/`or`, a `not`, an
-int or bool constant; nothing inside a `raise`, an f-string or an annotation), compiles the
+int or bool constant; nothing inside a `raise`, an f-string, an annotation or a default value), compiles the
 module, and swaps only that function's code object in (`func.__code__`), so every module that imported the
 function sees the mutant. Each mutant runs in a forked child (torch, pytest and the test modules are imported
 once, in the parent) on the fast unit tests of its module with `-x`; a failure or a timeout kills it.
@@ -9,6 +9,7 @@ once, in the parent) on the fast unit tests of its module with `-x`; a failure o
     python benchmarks/mutation.py                    # every module, JSON summary on stdout
     python benchmarks/mutation.py --module lr --jobs 2 --max-examples 10
     python benchmarks/mutation.py --every 3        # a fixed third of the mutants (a loaded 2-core machine)
+    python benchmarks/mutation.py --rerun old.json # only the survivors of an earlier run
 
 Hypothesis tests run with `--max-examples` examples (default 10) to keep the run short; tests that set their
 own `@settings(max_examples=...)` keep theirs.
@@ -31,7 +32,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = {  # module → the fast unit tests that should kill its mutants (test_sampler.py: --with-sampler)
-    "plan": ["tests/unit/test_plan.py"],
+    "plan": ["tests/unit/test_plan.py", "tests/unit/test_core_mutants.py"],
     "permutation": ["tests/unit/test_permutation.py", "tests/unit/test_core_mutants.py"],
     "lr": ["tests/unit/test_lr.py"],
     "duration": ["tests/unit/test_plan.py", "tests/unit/test_lr.py"],
@@ -51,6 +52,8 @@ def _untouchable(tree: ast.AST) -> set[int]:
     for node in ast.walk(tree):
         if isinstance(node, (ast.Raise, ast.JoinedStr)):
             skip.update(id(n) for n in ast.walk(node))
+        if isinstance(node, ast.arguments):  # defaults live on the function object, not in its code
+            skip.update(id(n) for d in [*node.defaults, *node.kw_defaults] if d is not None for n in ast.walk(d))
         if isinstance(node, ast.arg) and node.annotation is not None:  # annotations are never evaluated here
             skip.update(id(n) for n in ast.walk(node.annotation))
         if isinstance(node, (ast.FunctionDef, ast.AnnAssign)):
@@ -170,6 +173,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--max-examples", type=int, default=10)
     parser.add_argument("--every", type=int, default=1, help="run every N-th mutant only (a fixed sample)")
+    parser.add_argument("--rerun", type=Path, help="only the survivors listed in this earlier JSON output")
     parser.add_argument("--with-sampler", action="store_true", help="add tests/unit/test_sampler.py everywhere")
     args = parser.parse_args()
     if args.with_sampler:
@@ -186,6 +190,12 @@ def main() -> None:
             importlib.import_module(file.removesuffix(".py").replace("/", "."))
     modules = args.module or sorted(TESTS)
     queue = [(m, *rest) for m in modules for rest in _mutants(m)][::args.every]
+    if args.rerun:
+        def key(r: dict) -> tuple:
+            return r["module"], r["function"], r["line"], r["mutation"]
+
+        keys = {key(r) for r in json.loads(args.rerun.read_text())["survivors"]}
+        queue = [q for q in queue if key(q[1]) in keys]
     running: dict[int, tuple[dict, float]] = {}
     results, start = [], time.time()
     while queue or running:
