@@ -135,13 +135,13 @@ class TupleStep:
         return self.count_items is None and self.ignore_index is None and self.item_name == "samples"
 
     def count(self, batch: Any) -> int:
+        targets = _targets(batch)
+        if targets.ndim > 1 and not self.per_sample:
+            self.item_name = "tokens"  # also with count_items: a per-token loss logs tokens_seen
         if self.count_items is not None:
             return int(self.count_items(batch))
-        targets = _targets(batch)
         if self.per_sample:
             return len(targets)
-        if targets.ndim > 1:
-            self.item_name = "tokens"
         if self.ignore_index is None:
             return targets.numel()
         return int((targets != self.ignore_index).sum())
