@@ -132,9 +132,10 @@ class CheckpointManager:
         """Checkpoint now (every rank calls this: optimizer state is gathered, or every rank writes its shard)."""
         sharded = self.engine_state.sharded_state() if self.engine_state.sharded else None
         optimizer_state = None if sharded is not None else self.engine_state.state_dict()
-        model_state, state = None, None
+        # every rank: ZeRO-3 gathers the weights collectively (for the others it is a dict of references)
+        model_state = None if sharded is not None else self.engine_state.model_state()
+        state = None
         if self.rank == 0:
-            model_state = None if sharded is not None else self.engine_state.model_state()
             state = {name: part.state_dict() for name, part in self.states.items()}
             if sharded is None:
                 state["optimizer"] = optimizer_state

@@ -60,12 +60,14 @@ def scatter_zero3_state(base: torch.optim.Optimizer, flats: list[torch.Tensor], 
     hyper = {k: v for k, v in saved["param_groups"][0].items() if k != "params"}
     for group in base.param_groups:
         group.update(hyper)
-    keys = set(_tensor_keys(base, flats))
     for params, saved_group in zip(groups, saved["param_groups"], strict=True):
         for p, pid in zip(params, saved_group["params"], strict=True):
             entry = saved_state.get(int(pid)) or {}
             for key, value in entry.items():
-                if key in keys:
+                if torch.is_tensor(value) and value.ndim > 0 and value.numel() == p.ds_numel:
+                    for flat in flats:  # a fresh optimizer (SGD before its first step) has no state yet
+                        if getattr(base.state[flat].get(key), "shape", None) != flat.shape:
+                            base.state[flat][key] = torch.zeros_like(flat)
                     safe_set_full_optimizer_state(p, value.to(p.ds_tensor.device, torch.float32).reshape(-1), key)
                 else:  # per-step scalars (Adam's step) are the same for every parameter and subgroup
                     for flat in flats:
