@@ -81,15 +81,6 @@ def _add_launch(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_launch)
 
 
-def launch_command(args: argparse.Namespace) -> list[str]:
-    """The torch.distributed.run command line that starts launch/train.py on this node."""
-    from ddp_toolkit.launcher import torchrun_command, train_target
-
-    return torchrun_command(train_target(args.config, args.overrides), nproc_per_node=args.nproc_per_node,
-                            nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id,
-                            max_restarts=args.max_restarts, node_rank=args.node_rank)
-
-
 def _cmd_launch(args: argparse.Namespace) -> int:
     from ddp_toolkit.config import load_config
     from ddp_toolkit.launcher import launch, train_target
@@ -140,27 +131,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from None
     except OSError as err:  # an --out that cannot be created or written
         raise UsageError(f"report: cannot write {shown(err.filename or args.out)}: {err.strerror}") from None
-    return 0
-
-
-# ---- export ---------------------------------------------------------------------------------------------
-def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="write a run's newest valid checkpoint (sharded or not) as one safetensors "
-                                      "file that loads into the plain model")
-    p.add_argument("run_dir", help="a run directory (its newest valid checkpoint) or one checkpoint directory")
-    p.add_argument("--out", type=OneLine(4096), default=None,
-                   help="the file to write (default: RUN_DIR/export/model.safetensors)")
-    p.set_defaults(func=_cmd_export)
-
-
-def _cmd_export(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from ddp_toolkit.checkpoint import export_weights
-
-    used, out = export_weights(Path(args.run_dir), Path(args.out) if args.out else None)
-    print(f"exported {used} to {out}", file=sys.stderr)
-    print(out)
     return 0
 
 
