@@ -244,7 +244,11 @@ class Trainer:
         micro_batches = [self._next_micro_batch(batches) for _ in range(k)]
         counts = [step.count(mb) for mb in micro_batches]  # on the CPU batch, before any forward
         if self.metrics.wants_flops:  # once, rank 0: FLOPs of one micro-step on a meta copy (flops.py)
-            self.metrics.count_flops(engine.module, step, micro_batches, counts)
+            if engine.flops_countable:
+                self.metrics.count_flops(engine.module, step, micro_batches, counts)
+            else:
+                self.metrics.wants_flops = False
+                self.reporter.warn(f"FLOPs are not counted with the {engine.name} engine (no flops_per_second, mfu)")
         t_data = time.perf_counter()  # timing: micro-batches fetched (host clocks only: no device sync)
         items = self._global_items(sum(counts), samples)
         scale = engine.loss_multiplier / items

@@ -126,6 +126,8 @@ class Engine(ABC):
 
     # ---- sharded checkpoints (torch.distributed.checkpoint): every rank writes its own shard ----------------
     sharded_checkpoint = False
+    flops_countable = True
+    """The FLOP count may run a meta-device copy of `module` (not for engines that hook or shard the module)."""
     """True when checkpoints are written with DCP (`sharded_state`), one shard per rank; else rank 0 writes the
     full model and optimizer state."""
 

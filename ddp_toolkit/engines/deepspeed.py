@@ -181,6 +181,7 @@ class DeepSpeedEngine(Engine):
     """`deepspeed.initialize` on our model and optimizer with a config derived from the plan."""
 
     name = "deepspeed"
+    flops_countable = False  # a copy of a hooked/sharded module breaks it (ZeRO-3: ds_id)
 
     def __init__(self, env, plan, cfg) -> None:
         super().__init__(env, plan, cfg)

@@ -89,6 +89,7 @@ class FSDPEngine(Engine):
     """`fully_shard` on the chosen groups and the root; sharded checkpoints (see the module docstring)."""
 
     name = "fsdp"
+    flops_countable = False  # a copy of a hooked/sharded module breaks it (ZeRO-3: ds_id)
     sharded_checkpoint = True
 
     def __init__(self, env, plan, cfg=None) -> None:
