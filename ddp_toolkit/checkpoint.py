@@ -26,7 +26,6 @@ import errno
 import hashlib
 import json
 import os
-import random
 import re
 import shutil
 import stat
@@ -34,15 +33,15 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from ddp_toolkit.errors import EXIT_INPUT, EXIT_RUN, RunError, ToolkitError
+from ddp_toolkit.rng import rng_state, set_rng_state
 from ddp_toolkit.rundir import describe_os_error, os_error_in
 
-__all__ = ["CheckpointError", "CheckpointWriteError", "checkpoint_name", "export_weights", "find_latest",
-           "is_sharded", "load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state", "verify"]
+__all__ = ["CheckpointError", "CheckpointWriteError", "checkpoint_name", "find_latest", "is_sharded", "load_checkpoint",
+           "rng_state", "save_checkpoint", "set_rng_state", "verify"]  # rng_state/set_rng_state live in rng.py
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -166,42 +165,6 @@ def verify(path: Path) -> str | None:
     except OSError as err:
         return f"{path} cannot be read: {describe_os_error(err)}"
     return None
-
-
-# ---- RNG ------------------------------------------------------------------------------------------------------
-def rng_state() -> dict:
-    """torch, CUDA, numpy and python RNG states as tensors and plain values (loadable with weights_only)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
-             "numpy_rest": [kind, int(pos), int(has_gauss), float(cached)], "python": random.getstate()}
-    if torch.cuda.is_available():  # this rank's device only: a resume may see fewer GPUs (#22)
-        state["cuda_device"] = torch.cuda.get_rng_state(torch.cuda.current_device())
-    return state
-
-
-def _set_cuda_rng_state(state: dict) -> None:
-    """This rank's CUDA generator; an older checkpoint's list of every visible GPU gives the current device's
-    entry when there is one (a resume that sees fewer GPUs skips it rather than fail)."""
-    if not torch.cuda.is_available():
-        return
-    device = torch.cuda.current_device()
-    if "cuda_device" in state:
-        torch.cuda.set_rng_state(state["cuda_device"], device)
-    elif "cuda" in state and device < len(state["cuda"]):
-        torch.cuda.set_rng_state(state["cuda"][device], device)
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore the states saved by `rng_state`; a state of another shape is a CheckpointError."""
-    try:
-        torch.set_rng_state(state["torch"])
-        kind, pos, has_gauss, cached = state["numpy_rest"]
-        np.random.set_state((kind, state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
-        random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
-        _set_cuda_rng_state(state)
-    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
-        raise CheckpointError(f"the saved RNG state has the wrong shape ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0] if str(err) else ''})") from None
 
 
 # ---- save -----------------------------------------------------------------------------------------------------
@@ -461,44 +424,3 @@ def load_checkpoint(path: Path, rank: int) -> tuple[dict | None, dict, dict | No
     if rng is not None and not {"torch", "numpy_keys", "numpy_rest", "python"} <= set(rng):
         raise CheckpointError(f"refusing to load {path / rng_name}: not an RNG state")
     return weights, state, rng
-
-
-# ---- export ---------------------------------------------------------------------------------------------------
-def full_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The whole model of a checkpoint, a sharded one's shards joined in this process (no process group)."""
-    problem = verify(path)
-    if problem is not None:
-        raise CheckpointError(f"checkpoint {path} cannot be used: {problem}")
-    if not is_sharded(path):
-        return load_file(path / "model.safetensors")
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-    state: dict = {}
-    _load_state_dict(state, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(keys={"model"}),
-                     no_dist=True)
-    return state["model"]
-
-
-def export_weights(source: Path, out: Path | None = None) -> tuple[Path, Path]:
-    """Write the newest valid checkpoint of run directory `source` (or checkpoint directory `source`) as one
-    safetensors file, by atomic replace; (checkpoint used, file written). Default: RUN_DIR/export/model.safetensors."""
-    source = Path(source)
-    if (source / MANIFEST).exists():
-        path, run_dir = source, source.parent.parent
-    else:
-        path, run_dir = find_latest(source / "checkpoints"), source
-        if path is None:
-            raise CheckpointError(f"{source} holds no valid checkpoint (looked in {source / 'checkpoints'})")
-    out = Path(out) if out is not None else run_dir / "export" / "model.safetensors"
-    weights = {k: v.detach().contiguous().cpu() for k, v in full_weights(path).items()}
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        save_file(weights, tmp, metadata={"checkpoint": path.name})
-        _fsync_file(tmp)
-        os.replace(tmp, out)
-    except OSError as err:
-        raise CheckpointWriteError(f"cannot write {out}: {describe_os_error(err)}") from None
-    return path, out

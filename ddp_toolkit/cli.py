@@ -147,7 +147,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 def _cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ddp_toolkit.checkpoint import export_weights
+    from ddp_toolkit.export import export_weights
 
     used, out = export_weights(Path(args.run_dir), Path(args.out) if args.out else None)
     print(f"exported {used} to {out}", file=sys.stderr)
