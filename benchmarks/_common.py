@@ -159,3 +159,26 @@ def document(name: str, settings: dict, results, load_before: float) -> dict:
     return {"benchmark": name, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": {**machine(), "load_average_1min": [load_before, os.getloadavg()[0]]},
             "settings": settings, "results": results}
+
+
+def _train_worker(rank: int, world_size: int, port: int, device: str, spec: dict) -> dict:
+    from ddp_toolkit.config import Config
+    from ddp_toolkit.dist import DistEnv
+    from ddp_toolkit.trainer import Trainer
+
+    cfg = Config.model_validate({**spec["raw"], "run_dir": spec["run_dir"],
+                                 "report": {"console": False, "jsonl": True, **spec["raw"].get("report", {})}})
+    env = DistEnv(rank=rank, local_rank=rank, world_size=world_size, local_world_size=world_size,
+                  launcher="benchmark")
+    data = make_data(spec["features"], spec["classes"], spec["size"])
+    Trainer(make_model(spec["features"], spec["classes"], spec["hidden"]), data, cfg, env=env).fit()
+    return {}
+
+
+def train_spawned(raw: dict, model: dict, size: int, run_dir: str | Path, world_size: int,
+                  device: str = "cpu") -> list[dict]:
+    """The Trainer in `world_size` spawned processes (ddp engine) on make_model(**model) and `size` samples of
+    make_data; rank 0's metrics rows."""
+    spawn(_train_worker, {"raw": raw, "run_dir": str(run_dir), "size": size, **model}, world_size, device)
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows if "loss" in r and "iteration" in r]
