@@ -30,6 +30,7 @@ from pydantic import (
 
 from ddp_toolkit.duration import Duration
 from ddp_toolkit.errors import InputError
+from ddp_toolkit.names import Decay
 from ddp_toolkit.text import shown
 from ddp_toolkit.yaml_io import YamlError, parse_yaml
 
@@ -168,10 +169,13 @@ class OptimConfig(_Section):
     warmup: DurationText | None = 0
     """Gradual warmup length (`500it`, `5ep`, `20000sp`); 0 for none; longer than the run: cut to the run, with
     a note."""
-    warmup_start_factor: Float = Field(0.0, ge=0, le=1)
-    """Warmup starts at this fraction of the scaled lr (Goyal et al. start at base/scaled)."""
-    schedule: Literal["constant", "cosine", "step"] = "constant"
+    warmup_start_factor: Float | None = Field(None, ge=0, le=1)
+    """Warmup starts at this fraction of the scaled lr; null: at the base lr when a rule scales (Goyal et al.),
+    else at 0."""
+    schedule: Decay = "constant"
     """Shape of the lr after warmup."""
+    decay_fraction: Float = Field(0.2, ge=0, le=1)
+    """wsd schedule: the last fraction of the run that decays linearly to min_lr (Hägele et al. 2024)."""
     step_milestones: list[DurationText] = Field(default_factory=list)
     """Durations at which `step` decay multiplies the lr by step_gamma; those past the end of the run are
     dropped, with a note."""
@@ -182,7 +186,11 @@ class OptimConfig(_Section):
     momentum: Float = Field(0.9, ge=0, lt=1)
     """SGD / LARS momentum."""
     weight_decay: Float = Field(0.0, ge=0)
-    """Not scaled with the batch size (Goyal et al. 2017)."""
+    """Weight decay λ at the reference batch; scaled only with optim.weight_decay_scaling."""
+    weight_decay_scaling: Bool = False
+    """Keep AdamW's decay timescale fixed in samples: λ' = λ·(B/B_ref)·lr/scaled lr (Wang & Aitchison 2024)."""
+    beta2_scaling: Bool = False
+    """Keep Adam's β2 half-life fixed in samples: β2' = β2^(B/B_ref) (Busbridge et al. 2023; Marek et al. 2025)."""
     betas: tuple[Fraction, Fraction] = (0.9, 0.999)
     """Adam / AdamW / LAMB betas, each in [0, 1)."""
     eps: Float = Field(1e-8, gt=0)
@@ -233,6 +241,8 @@ class TrainConfig(_Section):
     """A non-finite gradient: checkpoint the last good state and stop, or skip that update on every rank."""
     noise_scale: Bool = False
     """Estimate the gradient noise scale B_simple from local and global gradients."""
+    noise_scale_finite_n: Bool = False
+    """Log grad_noise_scale corrected for sampling without replacement from N (it reads high as B_simple nears N)."""
     deepspeed_config: PathText | None = None
     """DeepSpeed JSON; checked against the plan (train_batch_size etc.)."""
     zero_stage: Int = Field(0, ge=0, le=3)

@@ -22,6 +22,9 @@ __all__ = [
     "DECAYS",
     "scaled_lr",
     "adam_sqrt_hparams",
+    "scaled_beta2",
+    "scaled_weight_decay",
+    "auto_warmup_start_factor",
     "Schedule",
     "build_scheduler",
 ]
@@ -83,10 +86,47 @@ def adam_sqrt_hparams(
     return (scaled[0], scaled[1]), eps / math.sqrt(kappa)
 
 
+def scaled_beta2(beta2: float, kappa: float) -> float:
+    """β2' = β2^κ: Adam's second-moment half-life stays fixed in samples when the batch grows κ-fold.
+
+    The EMA forgets a fraction 1−β2 per step, so over κ times fewer steps for the same samples the decay per
+    step must be β2^κ (Busbridge et al. 2023; Marek et al. 2025). E.g. 0.999 at κ = 4 → 0.999⁴ ≈ 0.996006.
+    """
+    _check_positive("kappa", kappa)
+    if not 0 <= beta2 < 1:
+        raise ValueError(f"beta2 must be in [0, 1), got {beta2!r}")
+    return beta2**kappa
+
+
+def scaled_weight_decay(weight_decay: float, base_lr: float, lr: float, kappa: float) -> float:
+    """λ' with η'·λ' = η·λ·κ: AdamW's decay timescale 1/(ηλ) iterations stays fixed in samples.
+
+    Decoupled weight decay shrinks the weights by η·λ per step; κ times fewer steps for the same samples need
+    κ times more shrink per step (Wang & Aitchison 2024; Bergsma et al. 2025): λ' = λ·κ·η/η'.
+    """
+    for name, value in (("base_lr", base_lr), ("lr", lr), ("kappa", kappa)):
+        _check_positive(name, value)
+    if not math.isfinite(weight_decay) or weight_decay < 0:
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+    return weight_decay * kappa * base_lr / lr
+
+
+def auto_warmup_start_factor(rule: ScalingRule, kappa: float) -> float:
+    """Warmup start factor that makes the first step use the unscaled base lr (Goyal et al. 2017).
+
+    linear: 1/κ = B_ref/B; sqrt and adam_sqrt: 1/sqrt(κ); none: 0 (warm up from zero). Capped at 1: a batch
+    smaller than B_ref has a scaled lr below the base lr, so there is nothing to warm up from.
+    """
+    _check_positive("kappa", kappa)
+    if rule == "none":
+        return 0.0
+    return min(1.0, 1.0 / kappa if rule == "linear" else 1.0 / math.sqrt(kappa))
+
+
 # ---- schedule ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Schedule:
-    """Learning rate as a pure function of the iteration: linear warmup, then constant, cosine or step decay.
+    """Learning rate as a pure function of the iteration: linear warmup, then constant, cosine, step or wsd.
 
     `lr_at(i)` is the lr used by the optimizer step taken when i steps are already done (i = 0 for the
     first step), so iteration i's step produces iteration i+1's weights.
@@ -99,6 +139,8 @@ class Schedule:
       (when W = T there is no decay phase and the lr stays at peak).
     - step: lr = max(min_lr, peak·step_gamma**n), n = number of milestones m <= i (milestones in
       iterations, each in (W, T]).
+    - wsd (warmup–stable–decay, Hägele et al. 2024): peak until D = T − round(decay_fraction·T) (never
+      before W), then linear to min_lr: lr = peak − (peak − min_lr)·(i − D)/(T − D), min_lr at i = T.
     """
 
     peak_lr: float
@@ -107,16 +149,18 @@ class Schedule:
     """T: optimizer steps in the whole run."""
     warmup_iterations: int = 0
     """W: steps of linear warmup; 0 for none."""
-    warmup_start_factor: float = 0.0
-    """Fraction of peak used by the first step; Goyal et al. use B_ref/B (the unscaled lr)."""
+    warmup_start_factor: float | None = 0.0
+    """Fraction of peak used by the first step (None: 0); Goyal et al. use B_ref/B (`auto_warmup_start_factor`)."""
     decay: Decay = "constant"
-    """Shape after warmup: constant, cosine or step."""
+    """Shape after warmup: constant, cosine, step or wsd."""
     step_milestones: tuple[int, ...] = ()
     """Iterations at which `step` decay multiplies the lr by step_gamma (strictly increasing)."""
     step_gamma: float = 0.1
     """Factor applied at each milestone."""
     min_lr: float = 0.0
-    """End of the cosine and floor of step decay; warmup may start below it."""
+    """End of the cosine and wsd decays and floor of step decay; warmup may start below it."""
+    decay_fraction: float = 0.2
+    """wsd: the last fraction of the run (of T) that decays linearly to min_lr; ignored by the other decays."""
 
     def __post_init__(self) -> None:
         _check_positive("peak_lr", self.peak_lr)
@@ -130,12 +174,16 @@ class Schedule:
                 f"warmup_iterations {self.warmup_iterations} must be in [0, total_iterations "
                 f"{self.total_iterations}]: the warmup cannot be longer than the run"
             )
+        if self.warmup_start_factor is None:  # not given: warm up from zero
+            object.__setattr__(self, "warmup_start_factor", 0.0)
         if not 0.0 <= self.warmup_start_factor <= 1.0:
             raise ValueError(f"warmup_start_factor must be in [0, 1], got {self.warmup_start_factor!r}")
         if self.decay not in DECAYS:
             raise ValueError(f"unknown decay {self.decay!r}; choose one of {', '.join(DECAYS)}")
         if not 0.0 <= self.min_lr <= self.peak_lr:
             raise ValueError(f"min_lr {self.min_lr!r} must be in [0, peak_lr {self.peak_lr}]")
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            raise ValueError(f"decay_fraction must be in [0, 1], got {self.decay_fraction!r}")
         object.__setattr__(self, "step_milestones", tuple(self.step_milestones))
         self._check_milestones()
 
@@ -170,8 +218,18 @@ class Schedule:
         if self.decay == "cosine":
             progress = 0.0 if t == w else min(1.0, (iteration - w) / (t - w))  # t == w: no decay phase
             return self.min_lr + (peak - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        if self.decay == "wsd":
+            start = self.decay_start
+            progress = 0.0 if t == start else min(1.0, (iteration - start) / (t - start))
+            return peak - (peak - self.min_lr) * max(0.0, progress)
         passed = sum(1 for m in self.step_milestones if m <= iteration)
         return max(self.min_lr, peak * self.step_gamma**passed)
+
+    @property
+    def decay_start(self) -> int:
+        """wsd: D, the first iteration of the linear decay (T − round(decay_fraction·T), at least W)."""
+        w, t = self.warmup_iterations, self.total_iterations
+        return max(w, t - round(self.decay_fraction * t))
 
     def factor_at(self, iteration: int) -> float:
         """lr_at(iteration) / peak_lr: the multiplier `torch.optim.lr_scheduler.LambdaLR` expects."""

@@ -11,8 +11,8 @@ __all__ = ["DECAYS", "Decay", "ENGINES", "EngineName", "OPTIMIZERS", "OptimizerN
 
 ScalingRule = Literal["none", "linear", "sqrt", "adam_sqrt"]
 """Large-batch lr rules: none, lr·B/B_ref, lr·sqrt(B/B_ref), Malladi et al.'s Adam rule."""
-Decay = Literal["constant", "cosine", "step"]
-"""lr schedules after the warmup."""
+Decay = Literal["constant", "cosine", "step", "wsd"]
+"""lr schedules after the warmup (wsd: warmup–stable–decay, Hägele et al. 2024)."""
 OptimizerName = Literal["sgd", "adam", "adamw", "lars", "lamb"]
 """Optimizers: torch's sgd/adam/adamw, pytorch-optimizer's lars/lamb."""
 EngineName = Literal["auto", "ddp", "fsdp", "accelerate", "deepspeed"]

@@ -16,6 +16,7 @@ from ddp_toolkit.config_plan import (
 )
 from ddp_toolkit.lr import scaled_lr
 from ddp_toolkit.plan import BatchPlan
+from ddp_toolkit.recipe import warmup_start_factor
 from ddp_toolkit.text import count, plural
 
 __all__ = ["PLAN_FIELDS", "explain_plan", "plan_info", "plan_rows", "print_plan_table", "split_summary"]
@@ -46,7 +47,9 @@ PLAN_FIELDS: dict[str, str] = {
     "scaled_lr": "the learning rate at B under lr_rule",
     "scaled_lr_by_rule": "{rule: learning rate at B} for every rule asked for",
     "warmup_iterations": "optim.warmup in iterations (cut to the run when longer)",
-    "schedule": "optim.schedule: constant, cosine or step",
+    "warmup_start_factor": "fraction of scaled_lr used by the first warmup step (optim.warmup_start_factor; auto: "
+                           "base_lr/scaled_lr under lr_rule when it scales, else 0)",
+    "schedule": "optim.schedule: constant, cosine, step or wsd",
     "step_milestones_iterations": "optim.step_milestones in iterations (those inside the run)",
     "eval_every_iterations": "train.eval_every in iterations (0: only at the end)",
     "checkpoint_every_iterations": "train.checkpoint_every in iterations (0: only at the end)",
@@ -85,7 +88,8 @@ def plan_info(cfg: Config, plan: BatchPlan, rules: list[str] | None = None) -> d
                 scaled_lr=by_rule[rules[0]], scaled_lr_by_rule=by_rule)
     warmup, warmup_note = warmup_iterations(cfg, plan, total)
     milestones, milestone_note = milestone_iterations(cfg, plan, total)
-    info.update(warmup_iterations=warmup, schedule=cfg.optim.schedule, step_milestones_iterations=list(milestones),
+    info.update(warmup_iterations=warmup, warmup_start_factor=warmup_start_factor(cfg, plan, rules[0]),
+                schedule=cfg.optim.schedule, step_milestones_iterations=list(milestones),
                 eval_every_iterations=cadence_iterations(cfg.train.eval_every, plan),
                 checkpoint_every_iterations=cadence_iterations(cfg.train.checkpoint_every, plan),
                 log_every_iterations=cfg.train.log_every)
@@ -127,8 +131,8 @@ def plan_rows(plan: BatchPlan, info: dict, verbose: bool = False) -> list[tuple[
     rows.append(("learning rate", f"{info['base_lr']:.6g} at batch {info['base_batch_size']} "
                                   f"[{info['base_batch_size_from']}] → {rates} at batch {plan.global_batch_size}"))
     warmup = info["warmup_iterations"]
-    rows.append(("warmup", f"{count(warmup, 'iteration')} = {count(plan.epochs_for(warmup), 'epoch')}"
-                 if warmup else "none"))
+    rows.append(("warmup", f"{count(warmup, 'iteration')} = {count(plan.epochs_for(warmup), 'epoch')}, from "
+                           f"{info['warmup_start_factor']:.6g} × the scaled lr" if warmup else "none"))
     milestones = ", ".join(f"{m:,}" for m in info["step_milestones_iterations"])
     rows.append(("lr schedule", f"{info['schedule']}" + (f", decay at iterations {milestones}" if milestones else "")))
     rows.append(("evaluation", _every(info["eval_every_iterations"])))

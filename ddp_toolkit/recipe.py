@@ -11,11 +11,18 @@ from typing import Any
 
 from ddp_toolkit.config import Config, ConfigError
 from ddp_toolkit.config_plan import milestone_iterations, reference_batch, scaling_warning, warmup_iterations
-from ddp_toolkit.lr import Schedule, adam_sqrt_hparams, scaled_lr
+from ddp_toolkit.lr import (
+    Schedule,
+    adam_sqrt_hparams,
+    auto_warmup_start_factor,
+    scaled_beta2,
+    scaled_lr,
+    scaled_weight_decay,
+)
 from ddp_toolkit.plan import BatchPlan
 
 __all__ = ["fingerprint", "lr_info", "make_optimizer", "plan_for", "preflight", "schedule_for",
-           "train_from_config"]
+           "train_from_config", "warmup_start_factor"]
 
 
 def plan_for(cfg: Config, dataset_size: int, world_size: int) -> BatchPlan:
@@ -35,11 +42,36 @@ def plan_for(cfg: Config, dataset_size: int, world_size: int) -> BatchPlan:
 
 
 def lr_info(cfg: Config, plan: BatchPlan) -> dict:
-    """Base and scaled learning rate, the rule and the reference batch (and where that came from)."""
+    """Base and scaled learning rate, the rule, the reference batch (and where that came from), the warmup's start
+    factor, and the optimizer's betas, eps and weight decay at B (ConfigError when a rule cannot apply)."""
     o = cfg.optim
     ref, ref_from = reference_batch(cfg, plan)
+    kappa, lr = plan.global_batch_size / ref, scaled_lr(o.lr, plan.global_batch_size, ref, o.lr_scaling)
+    start = warmup_start_factor(cfg, plan)
+    betas, eps, weight_decay = tuple(o.betas), o.eps, o.weight_decay
+    try:
+        if o.lr_scaling == "adam_sqrt":
+            if o.beta2_scaling:
+                raise ValueError("optim.beta2_scaling and lr_scaling=adam_sqrt both rescale beta2: choose one")
+            betas, eps = adam_sqrt_hparams(betas, eps, kappa)
+        if o.beta2_scaling:
+            betas = (betas[0], scaled_beta2(betas[1], kappa))
+        if o.weight_decay_scaling:
+            weight_decay = scaled_weight_decay(weight_decay, o.lr, lr, kappa)
+    except ValueError as err:
+        raise ConfigError(f"optim: {err}") from None
     return {"base_lr": o.lr, "base_batch_size": ref, "base_batch_size_from": ref_from, "lr_rule": o.lr_scaling,
-            "scaled_lr": scaled_lr(o.lr, plan.global_batch_size, ref, o.lr_scaling)}
+            "scaled_lr": lr, "warmup_start_factor": start, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+
+
+def warmup_start_factor(cfg: Config, plan: BatchPlan, rule: str | None = None) -> float:
+    """optim.warmup_start_factor, or when null (auto) the factor whose first step uses the base lr under `rule`
+    (default optim.lr_scaling; Goyal et al.): 0 when the rule is none or cannot scale (no optim.base_batch_size)."""
+    o, rule = cfg.optim, rule or cfg.optim.lr_scaling
+    if o.warmup_start_factor is not None:
+        return o.warmup_start_factor
+    ref, _ = reference_batch(cfg, plan)
+    return auto_warmup_start_factor(rule if o.base_batch_size is not None else "none", plan.global_batch_size / ref)
 
 
 def schedule_notes(cfg: Config, plan: BatchPlan, total: int) -> list[str]:
@@ -50,28 +82,27 @@ def schedule_notes(cfg: Config, plan: BatchPlan, total: int) -> list[str]:
 
 def schedule_for(cfg: Config, plan: BatchPlan, total: int) -> Schedule:
     """The lr schedule of the run, durations converted through the plan; ConfigError when impossible."""
-    o = cfg.optim
-    peak = lr_info(cfg, plan)["scaled_lr"]
+    o, info = cfg.optim, lr_info(cfg, plan)
+    peak = info["scaled_lr"]
     warmup, _ = warmup_iterations(cfg, plan, total)  # a warmup longer than the run lasts the run (with a note)
     milestones, _ = milestone_iterations(cfg, plan, total)
     try:
         return Schedule(peak_lr=peak, total_iterations=total, warmup_iterations=warmup,
-                        warmup_start_factor=o.warmup_start_factor, decay=o.schedule, step_milestones=milestones,
-                        step_gamma=o.step_gamma, min_lr=min(o.min_lr, peak))
+                        warmup_start_factor=info["warmup_start_factor"], decay=o.schedule,
+                        step_milestones=milestones, step_gamma=o.step_gamma, min_lr=min(o.min_lr, peak),
+                        decay_fraction=o.decay_fraction)
     except ValueError as err:
         raise ConfigError(f"optim: {err}") from None
 
 
 def make_optimizer(cfg: Config, plan: BatchPlan, params) -> Any:
-    """The configured optimizer at the scaled lr; adam_sqrt also rescales betas and eps (Malladi et al.)."""
+    """The configured optimizer at the scaled lr, with lr_info's betas, eps and weight decay: adam_sqrt rescales
+    betas and eps (Malladi et al.), optim.beta2_scaling β2, optim.weight_decay_scaling the weight decay."""
     from ddp_toolkit.optim import build_optimizer
 
     o, info = cfg.optim, lr_info(cfg, plan)
-    betas, eps = tuple(o.betas), o.eps
-    if o.lr_scaling == "adam_sqrt":
-        betas, eps = adam_sqrt_hparams(betas, eps, plan.global_batch_size / info["base_batch_size"])
-    return build_optimizer(params, o.name, info["scaled_lr"], momentum=o.momentum, weight_decay=o.weight_decay,
-                           betas=betas, eps=eps)
+    return build_optimizer(params, o.name, info["scaled_lr"], momentum=o.momentum, weight_decay=info["weight_decay"],
+                           betas=info["betas"], eps=info["eps"])
 
 
 def fingerprint(cfg: Config, plan: BatchPlan, schedule: Schedule) -> dict[str, Any]:

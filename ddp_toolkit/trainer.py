@@ -128,7 +128,7 @@ class Trainer:
         self.noise_meter = None if self.noise is None else NoiseMeter(
             self.noise, self.engine, world_size=env.world_size, local_batch_size=plan.local_batch_size,
             global_batch_size=plan.global_batch_size, grad_accum_steps=plan.grad_accum_steps,
-            reduce_sum=_sum_over_ranks)
+            reduce_sum=_sum_over_ranks, dataset_size=plan.dataset_size if cfg.train.noise_scale_finite_n else None)
         self.reporter = Reporter(cfg, env, plan, enabled=env.is_main)
         self.metrics = MetricsLogger(self.reporter, plan, self.progress, cfg.train.log_every)
         self.stop_vote = StopVote(self.run_dir, is_main=env.is_main)
@@ -264,7 +264,7 @@ class Trainer:
             engine.backward(loss, sync)
             item_losses.append(losses.detach())
             if self.noise_meter is not None:
-                self.noise_meter.after_micro_step(m)
+                self.noise_meter.after_micro_step(m, counts[m])
         t_compute = time.perf_counter()  # timing: k forward+backward passes done (the synced all-reduce included)
         hparams = optimizer_hparams(engine.optimizer)  # what this iteration's step uses
         grad_norm, skipped = self._clip_and_step()

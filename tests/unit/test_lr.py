@@ -113,7 +113,8 @@ def test_warmup_longer_than_run_names_both_numbers() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"decay": "linear"}, r"'linear'.*constant, cosine, step"),
+        ({"decay": "linear"}, r"'linear'.*constant, cosine, step, wsd"),
+        ({"decay": "wsd", "decay_fraction": -0.1}, "decay_fraction"),
         ({"decay": "step", "step_milestones": (50, 20)}, "strictly increasing"),
         ({"decay": "step", "step_milestones": (5,), "warmup_iterations": 5}, r"milestone 5 .*\(warmup_iter"),
         ({"decay": "step", "step_milestones": (101,)}, r"milestone 101.*total_iterations 100"),
@@ -139,7 +140,7 @@ def test_negative_iteration_is_rejected() -> None:
     total=st.integers(1, 5000),
     warmup_fraction=st.floats(0, 1),
     start=st.floats(0, 1),
-    decay=st.sampled_from(["constant", "cosine", "step"]),
+    decay=st.sampled_from(["constant", "cosine", "step", "wsd"]),
     min_fraction=st.floats(0, 1),
 )
 def test_schedule_properties(total: int, warmup_fraction: float, start: float, decay: str,
@@ -147,7 +148,7 @@ def test_schedule_properties(total: int, warmup_fraction: float, start: float, d
     warmup = int(warmup_fraction * total)
     milestones = (warmup + 1,) if decay == "step" and warmup < total else ()
     s = Schedule(peak_lr=2.0, total_iterations=total, warmup_iterations=warmup, warmup_start_factor=start,
-                 decay=decay, step_milestones=milestones, min_lr=2.0 * min_fraction)
+                 decay=decay, step_milestones=milestones, min_lr=2.0 * min_fraction, decay_fraction=min_fraction)
     lrs = [s.lr_at(i) for i in range(total + 1)]
     assert all(min(s.min_lr, 2.0 * start) - 1e-12 <= lr <= 2.0 + 1e-12 for lr in lrs)
     steps = [b - a for a, b in zip(lrs[:-1], lrs[1:], strict=True)]

@@ -6,10 +6,11 @@ import itertools
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ddp_toolkit.noise_scale import NoiseScaleEstimator, unbiased_estimates
+from ddp_toolkit.noise_scale import NoiseMeter, NoiseScaleEstimator, finite_n_corrected, unbiased_estimates
 
 
 def _population(size: int, dim: int, seed: int) -> np.ndarray:
@@ -60,6 +61,9 @@ def test_sampling_without_replacement_bias_is_as_documented() -> None:
     true_gradient_sq, true_trace = _true_moments(grads)
     assert gradient_sq == pytest.approx(true_gradient_sq - true_trace / (n - 1), rel=1e-12)
     assert trace == pytest.approx(true_trace * n / (n - 1), rel=1e-12)
+    biased, true = trace / gradient_sq, true_trace / true_gradient_sq  # the ratio reads high, as documented
+    assert biased == pytest.approx(true * (n / (n - 1)) / (1 - true / (n - 1)), rel=1e-12)
+    assert finite_n_corrected(biased, n) == pytest.approx(true, rel=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -151,3 +155,79 @@ def test_noise_scale_matches_brute_force_on_linear_regression() -> None:
     assert est.gradient_sq == pytest.approx(gradient_sq, rel=0.1)
     assert est.trace_sigma == pytest.approx(trace, rel=0.1)
     assert est.noise_scale == pytest.approx(trace / gradient_sq, rel=0.1)
+
+
+# ---- finite-N correction ----------------------------------------------------------------------------
+def test_finite_n_correction_by_hand() -> None:
+    assert finite_n_corrected(100.0, 1000) == pytest.approx(100 * 999 / 1100, rel=1e-15)  # 90.8181…
+    # the documented bias, forwards: B = 50 at N = 101 reads 50·(101/100)/(1 − 50/100) = 101
+    assert finite_n_corrected(101.0, 101) == pytest.approx(50.0, rel=1e-12)
+    with pytest.raises(ValueError, match="dataset_size"):
+        finite_n_corrected(10.0, 1)
+
+
+# ---- NoiseMeter with W = 1: every micro-batch ------------------------------------------------------
+class _Engine:
+    """The part of an engine the meter uses at W = 1: the bare model and the gradient norm."""
+
+    supports_norm_measurement = False
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+
+    def measure_norms(self, on: bool) -> None:
+        pass
+
+    def grad_norm(self) -> torch.Tensor:
+        return torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in self.module.parameters()]))
+
+
+def _meter_draws(redraws: int, k: int = 4, b: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray, float]:
+    """(all-micro-batch estimates, first-micro-batch estimates) of (|G|², tr Σ) per redraw, and the true tr Σ, on a
+    fixed float64 linear regression model fed batches of k·b samples drawn with replacement."""
+    rng = np.random.default_rng(seed)
+    w_star = rng.normal(size=8)
+    inputs = rng.normal(size=(4096, 8))
+    targets = inputs @ w_star + 2.0 * rng.normal(size=4096)
+    model = torch.nn.Linear(8, 1, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        model.weight.copy_(torch.from_numpy(w_star + 1.0 / np.sqrt(8)))  # one unit from w*: |G|² ≈ 1
+    per_sample = (inputs @ model.weight.detach().numpy()[0] - targets)[:, None] * inputs
+    engine, big_b = _Engine(model), k * b
+    meter = NoiseMeter(NoiseScaleEstimator(), engine, world_size=1, local_batch_size=big_b, global_batch_size=big_b,
+                       grad_accum_steps=k, reduce_sum=lambda t: t)
+    x_all, y_all = torch.from_numpy(inputs), torch.from_numpy(targets)
+    every, first = [], []
+    for _ in range(redraws):
+        picks = torch.from_numpy(rng.integers(0, 4096, size=(k, b)))
+        model.zero_grad(set_to_none=True)
+        meter.begin(big_b)
+        for m in range(k):
+            out = model(x_all[picks[m]])[:, 0]
+            (0.5 * (out - y_all[picks[m]]) ** 2).sum().div(big_b).backward()
+            meter.after_micro_step(m, b)
+            if m == 0:
+                first_sq = float(engine.grad_norm()) ** 2 * k**2  # (B/b)²·|g_0|²: the old estimate
+        big_sq = float(engine.grad_norm()) ** 2
+        meter.after_sync(big_sq**0.5, b, big_b)
+        small, big, b_small, b_big = meter._pending.pop()
+        assert (b_small, b_big) == (b, big_b) and float(big) == pytest.approx(big_sq)
+        every.append(unbiased_estimates(float(small), big_sq, b_small, b_big))
+        first.append(unbiased_estimates(first_sq, big_sq, b, big_b))
+    return np.array(every), np.array(first), _true_moments(per_sample)[1]
+
+
+def test_all_micro_batches_narrow_the_spread_at_least_twofold() -> None:
+    every, first, true_trace = _meter_draws(redraws=200)
+    spread_every, spread_first = every.std(axis=0), first.std(axis=0)
+    assert spread_first[1] >= 2 * spread_every[1]  # tr Σ
+    assert spread_first[0] >= 1.3 * spread_every[0]  # |G|²
+    assert every[:, 1].mean() == pytest.approx(true_trace, abs=4 * spread_every[1] / np.sqrt(200))  # unbiased
+
+
+def test_meter_reports_the_finite_n_corrected_noise_scale() -> None:
+    est = NoiseScaleEstimator()
+    est.update(2.0 + 30.0 / 16, 2.0 + 30.0 / 64, 16, 64)  # B_simple 15
+    meter = NoiseMeter(est, _Engine(torch.nn.Linear(1, 1)), world_size=1, local_batch_size=64, global_batch_size=64,
+                       grad_accum_steps=4, reduce_sum=lambda t: t, dataset_size=100)
+    assert meter.noise_scale == pytest.approx(15 * 99 / 115, rel=1e-12)
