@@ -176,7 +176,7 @@ def cuda_device_index(local_rank: int, local_world_size: int, device_count: int,
 def check_device_settings(device: torch.device, *, precision: str, sync_batchnorm: bool,
                           distributed: bool) -> None:
     """One line for a setting the device cannot run: bf16 before Ampere, SyncBatchNorm on CPU or with bf16."""
-    if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
         raise DeviceError(f"train.precision=bf16: {torch.cuda.get_device_name(device)} does not support bfloat16 "
                           f"(Ampere or newer needed); use train.precision=fp32")
     if not (sync_batchnorm and distributed):

@@ -179,11 +179,11 @@ def test_device_settings_refused_in_one_line(monkeypatch):
     check_device_settings(cpu, precision="bf16", sync_batchnorm=True, distributed=False)  # W = 1: no SyncBN
     with pytest.raises(DeviceError, match="needs CUDA"):
         check_device_settings(cpu, precision="fp32", sync_batchnorm=True, distributed=True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
     with pytest.raises(DeviceError, match="Tesla V100 does not support bfloat16"):
         check_device_settings(cuda, precision="bf16", sync_batchnorm=False, distributed=False)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     with pytest.raises(DeviceError, match="sync_batchnorm=true with train.precision=bf16"):
         check_device_settings(cuda, precision="bf16", sync_batchnorm=True, distributed=True)
     check_device_settings(cuda, precision="fp32", sync_batchnorm=True, distributed=True)
