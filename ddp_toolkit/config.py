@@ -16,21 +16,26 @@ import difflib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from annotated_types import Ge, Gt, Le, Lt
-from pydantic import (
-    AllowInfNan,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    Strict,
-    ValidationError,
-    model_validator,
-)
+from pydantic import Field, Strict, ValidationError, model_validator
 
+from ddp_toolkit.config_types import (
+    Bool,
+    Count,
+    DurationText,
+    Factory,
+    Float,
+    Fraction,
+    Int,
+    PathText,
+    PosInt,
+    Seed,
+    Text,
+    Width,
+    _Section,
+)
 from ddp_toolkit.duration import Duration
 from ddp_toolkit.errors import InputError
-from ddp_toolkit.names import Decay
+from ddp_toolkit.names import Decay, EngineName, OptimizerName, ScalingRule
 from ddp_toolkit.text import shown
 from ddp_toolkit.yaml_io import YamlError, parse_yaml
 
@@ -38,9 +43,6 @@ __all__ = ["Config", "ConfigError", "DEFAULT_CONFIG", "EXCLUSIVE_GROUPS", "apply
            "load_raw", "validate"]
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
-INT64_MAX = 2**63 - 1
-SEED_MAX = 2**32 - 1
-WIDTH_MAX = 2**20
 
 EXCLUSIVE_GROUPS: dict[str, tuple[str, ...]] = {"train": ("epochs", "iterations", "samples")}
 """Section → keys of which only one may be set; the last one given wins (the others become null)."""
@@ -48,34 +50,6 @@ EXCLUSIVE_GROUPS: dict[str, tuple[str, ...]] = {"train": ("epochs", "iterations"
 
 class ConfigError(InputError):
     """A config that cannot be used; the message is one line naming key, value and what is allowed."""
-
-
-def _duration(value: Any) -> Any:
-    """`500`, `500it`, `5ep`, `20000sp` or a Duration, validated now and converted through the plan later."""
-    if value is None or isinstance(value, Duration):
-        return None if value is None else str(value)
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"expected a duration like 500it, 5ep or 20000sp, got {shown(value)}")
-    Duration.parse(value)
-    return value
-
-
-Int = Annotated[int, Strict()]  # bounds in Field(...) only: an alias's bounds would override the field's
-PosInt = Annotated[int, Strict(), Gt(0), Le(INT64_MAX)]
-Count = Annotated[int, Strict(), Ge(0), Le(INT64_MAX)]
-Seed = Annotated[int, Strict(), Ge(0), Le(SEED_MAX)]
-Width = Annotated[int, Strict(), Gt(0), Le(WIDTH_MAX)]
-Float = Annotated[float, Strict(), AllowInfNan(False)]
-Fraction = Annotated[float, Strict(), AllowInfNan(False), Ge(0), Lt(1)]
-Bool = Annotated[bool, Strict()]
-Text = Annotated[str, Strict()]
-PathText = Annotated[str, Strict(), Field(min_length=1, max_length=4096, pattern=r"^[^\x00]*$")]
-Factory = Annotated[str, Strict(), Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$", max_length=512)]
-DurationText = Annotated[str | int, BeforeValidator(_duration)]
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class DataConfig(_Section):
@@ -130,7 +104,6 @@ class ModelConfig(_Section):
     """`module:function(info) -> nn.Module` for name=custom; info is a ddp_toolkit.data.DataInfo (a factory of
     two positional parameters gets (in_features, num_classes))."""
 
-
     @model_validator(mode="after")
     def _custom_needs_factory(self) -> ModelConfig:
         if self.name == "custom" and not self.factory:
@@ -158,13 +131,13 @@ class BatchConfig(_Section):
 
 
 class OptimConfig(_Section):
-    name: Literal["sgd", "adam", "adamw", "lars", "lamb"] = "sgd"
+    name: OptimizerName = "sgd"
     """Optimizer; lars and lamb come from pytorch-optimizer."""
     lr: Float = Field(0.1, gt=0)
     """Learning rate at the reference batch optim.base_batch_size."""
     base_batch_size: PosInt | None = None
     """Reference batch B_ref of optim.lr; without it lr_scaling cannot scale (a warning) and lr is used as is."""
-    lr_scaling: Literal["none", "linear", "sqrt", "adam_sqrt"] = "none"
+    lr_scaling: ScalingRule = "none"
     """Large-batch rule: lr·B/B_ref, lr·sqrt(B/B_ref), or Malladi et al.'s Adam rule."""
     warmup: DurationText | None = 0
     """Gradual warmup length (`500it`, `5ep`, `20000sp`); 0 for none; longer than the run: cut to the run, with
@@ -220,8 +193,8 @@ class TrainConfig(_Section):
     """Stop once samples_seen reaches this many samples."""
     seed: Seed = 0
     """Seed of model init, data order and every rank's RNG (0 … 2^32−1)."""
-    engine: Literal["auto", "ddp", "fsdp", "accelerate", "deepspeed"] = "auto"
-    """Gradient-sync engine; auto picks it from the launcher."""
+    engine: EngineName = "auto"
+    """Gradient-sync engine; auto picks it from the launcher (fsdp: FSDP2, sharded parameters, never auto)."""
     log_every: PosInt = 10
     """Write metrics every this many iterations (and at the last one)."""
     eval_every: DurationText | None = None
@@ -286,7 +259,6 @@ class TrainConfig(_Section):
         if self.loss == "custom" and not self.loss_factory:
             raise ValueError("train.loss=custom needs train.loss_factory='module:function'")
         return self
-
 
     @model_validator(mode="before")
     @classmethod

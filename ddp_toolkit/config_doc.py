@@ -16,7 +16,8 @@ from annotated_types import Ge, Gt, Le, Lt
 from pydantic import BaseModel, BeforeValidator
 from pydantic.fields import FieldInfo
 
-from ddp_toolkit.config import EXCLUSIVE_GROUPS, INT64_MAX, Config, apply_overrides, load_raw, validate
+from ddp_toolkit.config import EXCLUSIVE_GROUPS, Config, apply_overrides, load_raw, validate
+from ddp_toolkit.config_types import INT64_MAX
 from ddp_toolkit.text import one_line
 
 __all__ = ["add_config_parser", "fields", "render_markdown", "render_show", "type_text", "unwrap"]
