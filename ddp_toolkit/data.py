@@ -47,10 +47,6 @@ class TensorData(Dataset):
         idx = torch.as_tensor(indices, dtype=torch.long)
         return self.x[idx], self.y[idx]
 
-    @property
-    def num_features(self) -> int:
-        return int(np.prod(self.x.shape[1:]))
-
 
 def synthetic_classification(size: int, eval_size: int, features: int, classes: int, noise: float,
                              seed: int) -> tuple[TensorData, TensorData]:

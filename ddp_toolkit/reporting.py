@@ -69,7 +69,6 @@ class Reporter:
         if not self.enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.info, self.total = info, total_iterations
         atomic_write(self.run_dir / "plan.json", json.dumps(info, indent=2) + "\n")
         if self.cfg.report.console:
             plan_report.print_plan_table(self.plan, info, console=self.console)
