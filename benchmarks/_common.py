@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import socket
 import sys
 import tempfile
 from collections.abc import Callable
@@ -20,6 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from ddp_toolkit.launcher import free_port
+
 
 def resolve_device(requested: str, world_size: int) -> str:
     """`auto` → `cuda` (nccl) when at least `world_size` GPUs are visible, else `cpu` (gloo)."""
@@ -28,12 +29,6 @@ def resolve_device(requested: str, world_size: int) -> str:
     if requested == "cuda" and torch.cuda.device_count() < world_size:
         raise SystemExit(f"--device cuda needs {world_size} GPUs, found {torch.cuda.device_count()}")
     return requested
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def machine() -> dict:
