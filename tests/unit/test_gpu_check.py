@@ -125,5 +125,6 @@ def test_gpu_check_dry_run(gpu_check, tmp_path, capsys):
     cells = document["cells"]
     assert cells["default_config"]["status"] == "ok", cells
     assert cells["default_config"]["iterations"] == 3 and cells["default_config"]["final_loss"] > 0
+    assert 0 <= cells["default_config"]["data_wait_fraction"] < 1  # the metrics rows carry it
     assert cells["syncbn_bf16"]["status"] == "skipped"
     assert "| default_config | ok |" in (tmp_path / "gpu_check.md").read_text()
