@@ -202,3 +202,28 @@ def test_killed_agent_is_a_run_error_with_the_shell_code(tmp_path: Path) -> None
     assert err.value.exit_code == 137
     assert str(err.value) == ("the torchrun agent was killed by SIGKILL; the workers saved no checkpoint; 2 worker(s) "
                               "still running 40 s later were killed")
+
+
+def test_sigterm_to_a_plain_torchrun_run_checkpoints_and_stops(tmp_path: Path) -> None:
+    """No wrapper: torchrun forwards SIGTERM to its workers, which checkpoint after the current iteration and
+    exit 0 (torchrun itself then reports the signal); the checkpoint resumes."""
+    from tests.distributed.harness import torchrun_command as plain_torchrun
+
+    run_dir = tmp_path / "run"
+    config = write_config(small_config(run_dir, train={"iterations": 1_000_000, "log_every": 1, "seed": 3}),
+                          tmp_path / "cfg.yaml")
+    env = {k: v for k, v in worker_env().items() if k != PREEMPT_ENV}
+    with (tmp_path / "torchrun.err").open("w") as err:
+        proc = subprocess.Popen(plain_torchrun(config, 2), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not (run_dir / "metrics.jsonl").exists() or len(metrics(run_dir)) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "torchrun.err").read_text()[-3000:]
+        time.sleep(0.3)
+    workers = psutil.Process(proc.pid).children()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert _gone(workers, WORKERS_GONE_S), "a worker outlived torchrun"
+    saved = sorted(p.name for p in (run_dir / "checkpoints").glob("it*"))
+    last = metrics(run_dir)[-1]["iteration"]
+    assert saved and saved[-1] == f"it{last:08d}", (saved, last)  # stopped after the iteration it was in
+    assert "stop requested (SIGTERM)" in (tmp_path / "torchrun.err").read_text()
