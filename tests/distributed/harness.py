@@ -107,6 +107,16 @@ def metrics(run_dir: Path, kind: str = "train") -> list[dict]:
     return [r for r in rows if r.get("kind") == kind]
 
 
+MEASURED = ("samples_per_second", "tokens_per_second", "flops_per_second", "mfu", "iteration_seconds", "data_seconds",
+            "compute_seconds", "optimizer_seconds", "data_wait_fraction", "peak_memory_mib")
+"""Metrics columns measured on the clock or the process (two runs never agree on them)."""
+
+
+def without_measured(rows: list[dict]) -> list[dict]:
+    """Every column of the rows but the measured times, throughput and memory: what two equal runs share."""
+    return [{k: v for k, v in r.items() if k not in MEASURED} for r in rows]
+
+
 def max_rel_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-300)) for k in a)

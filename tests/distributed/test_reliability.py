@@ -17,15 +17,13 @@ from tests.distributed.harness import (
     small_config,
     torchrun,
     torchrun_command,
+    without_measured,
     worker_env,
     write_config,
 )
 
 pytestmark = pytest.mark.distributed
 
-
-def _without_timing(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "samples_per_second"} for r in rows]
 
 
 def _workers(launcher: psutil.Process) -> list[psutil.Process]:
@@ -86,7 +84,7 @@ def test_sigkilled_workers_restart_from_checkpoint_bit_exact(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     rows = metrics(run_dir)
     assert [r["iteration"] for r in rows] == list(range(1, 161))  # overlap rewritten: none twice, none missing
-    assert _without_timing(rows) == _without_timing(metrics(tmp_path / "full"))
+    assert without_measured(rows) == without_measured(metrics(tmp_path / "full"))
 
 
 def test_torn_checkpoint_falls_back_with_a_warning(tmp_path):

@@ -20,6 +20,7 @@ from tests.distributed.harness import (
     small_config,
     spawn_train,
     torchrun,
+    without_measured,
     write_config,
 )
 
@@ -97,15 +98,6 @@ def test_trajectory_equivalence_through_torchrun(tmp_path):
     assert max_rel_error(final_weights(tmp_path / "w2k2"), final_weights(tmp_path / "w1k4")) <= 1e-5
 
 
-_TIMING = ("samples_per_second", "tokens_per_second", "flops_per_second", "iteration_seconds", "data_seconds",
-           "compute_seconds", "optimizer_seconds", "data_wait_fraction", "peak_memory_mib", "mfu")
-
-
-def _comparable(rows: list[dict]) -> list[dict]:
-    """Every column but the measured times, throughput and memory (two runs never agree on those)."""
-    return [{k: v for k, v in r.items() if k not in _TIMING} for r in rows]
-
-
 def test_resume_is_bit_exact_and_elastic(tmp_path):
     raw = small_config(tmp_path / "x", data={"size": 150}, train={"iterations": 30, "log_every": 1},
                        optim={"lr": 0.1, "warmup": 4, "schedule": "cosine"})
@@ -119,7 +111,7 @@ def test_resume_is_bit_exact_and_elastic(tmp_path):
     assert rest.returncode == 0, rest.stderr[-3000:]
     a, b = final_weights(tmp_path / "full"), final_weights(tmp_path / "part")
     assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical
-    assert _comparable(metrics(tmp_path / "part")) == _comparable(metrics(tmp_path / "full"))
+    assert without_measured(metrics(tmp_path / "part")) == without_measured(metrics(tmp_path / "full"))
     # elastic: stop at W=2, continue at W=1 with the same global batch (k doubles)
     part2 = torchrun(config, 2, f"run_dir={tmp_path / 'elastic'}", "train.halt_at=13")
     assert part2.returncode == 0, part2.stderr[-3000:]
