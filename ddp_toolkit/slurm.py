@@ -214,7 +214,9 @@ def _srun_task_per_gpu(python: str, srun_opts: str, train_args: list[str]) -> li
     """One srun task per GPU runs the trainer directly; ranks come from SLURM_PROCID/LOCALID/NTASKS."""
     args = " ".join(shlex.quote(a) for a in [python, *train_args])
     return [
-        "# One task per GPU: the trainer reads its rank from SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS.",
+        "# One task per GPU: the trainer reads its rank from SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS;",
+        "# a launcher's rank variables inherited from the submitting shell would take precedence, so drop them.",
+        "unset RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE GROUP_RANK TORCHELASTIC_RUN_ID",
         f"srun{srun_opts} --kill-on-bad-exit=1 {args} &",
     ]
 

@@ -192,6 +192,7 @@ class DeepSpeedEngine(Engine):
         self._counter = _ReductionCounter(self.comm)
         self._stepped = True
         self._own_group = False
+        self._env_before: dict[str, str | None] = {}
 
     # ---- setup ---------------------------------------------------------------------------------------
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -207,6 +208,7 @@ class DeepSpeedEngine(Engine):
         device = self.env.device
         for name, value in (("LOCAL_RANK", device.index if device.type == "cuda" else self.env.local_rank),
                             ("RANK", self.env.rank), ("WORLD_SIZE", self.env.world_size)):
+            self._env_before.setdefault(name, os.environ.get(name))  # put back by close()
             if name == "LOCAL_RANK" and device.type == "cuda":
                 os.environ[name] = str(value)
             else:
@@ -331,6 +333,12 @@ class DeepSpeedEngine(Engine):
         if self._own_group and dist.is_initialized():
             dist.destroy_process_group()
             self._own_group = False
+        for name, value in self._env_before.items():  # an in-process run leaves no rank variables behind
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        self._env_before.clear()
 
 
 # ---- ZeRO optimizer state ⇄ torch's per-parameter format ------------------------------------------------

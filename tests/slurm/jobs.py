@@ -21,7 +21,13 @@ STOP_LINE = re.compile(r"stop requested \((PREEMPT file|SIGTERM)\)[^\n]*?checkpo
 def job_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """sbatch passes the submitting environment on: the repo importable (the data factory), one thread;
     `extra` adds variables such as the cluster's SLURM_CONF."""
-    return {**os.environ, **(extra or {}), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    shell = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARIABLES}
+    return {**shell, **(extra or {}), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+_LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+"""What an in-process run earlier in the session may have left in this process's environment: a user's shell
+does not carry them into sbatch."""
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -77,7 +77,10 @@ def test_preempted_jobs_on_one_and_two_nodes_checkpoint_requeue_and_resume_bit_e
     """Two jobs side by side (one node × 2 workers, two nodes × 1 worker), each sent the warning signal by
     hand once it has logged SIGNAL_AFTER iterations."""
     def submit_on(nodes: int) -> int:
-        return submit(train_configs["slow"], tmp_path / f"{nodes}n", nodes=nodes, nproc_per_node=WORLD_SIZE // nodes)
+        # the one-node job also logs to wandb (offline) and MLflow: one tracker run across the requeue
+        trackers = ("report.wandb=true", "report.mlflow=true") if nodes == 1 else ()
+        return submit(train_configs["slow"], tmp_path / f"{nodes}n", *trackers, nodes=nodes,
+                      nproc_per_node=WORLD_SIZE // nodes, env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
 
     with ThreadPoolExecutor(2) as pool:
         jobs = dict(zip((1, 2), pool.map(submit_on, (1, 2)), strict=True))
@@ -96,6 +99,24 @@ def test_preempted_jobs_on_one_and_two_nodes_checkpoint_requeue_and_resume_bit_e
     wait_for(jobs[2], signal_when_due, f"{SIGNAL_AFTER} iterations logged by both jobs", timeout_s=150)
     for nodes, job in jobs.items():
         check_preempted_run(job, tmp_path / f"{nodes}n", nodes, wait_for, reference)
+    check_one_tracker_run(tmp_path / "1n")
+
+
+def check_one_tracker_run(run_dir: Path) -> None:
+    """The requeued job continued its wandb and MLflow runs: one run each, steps 1…ITERATIONS once each."""
+    from mlflow.tracking import MlflowClient
+
+    from tests.distributed.test_observability import wandb_runs
+
+    ids = json.loads((run_dir / "trackers.json").read_text())
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.run_id == ids["mlflow"]["run_id"] and run.info.status == "FINISHED"
+    steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "loss")})
+    assert steps == list(range(1, ITERATIONS + 1))
+    runs = wandb_runs(run_dir / "wandb")
+    assert list(runs) == [ids["wandb"]]
+    assert sorted({h["_step"] for h in runs[ids["wandb"]] if "loss" in h}) == list(range(1, ITERATIONS + 1))
 
 
 def check_preempted_run(job: int, run_dir: Path, nodes: int, wait_for, reference) -> None:
