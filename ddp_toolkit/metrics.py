@@ -44,7 +44,7 @@ class IterationResult:
     """Global gradient norm after the sync, before clipping (the iteration's one host synchronisation)."""
     hparams: dict[str, float]
     """lr (and momentum/betas) the optimizer used for this iteration's step."""
-    comm: tuple[int, int, int]
+    comm: tuple[int, int, int, int, int]
     """All-reduce calls, rounds and bytes of the gradient sync."""
     skipped: bool = False
     """The update was skipped for a non-finite gradient norm (train.on_nonfinite=skip)."""
@@ -162,7 +162,10 @@ class MetricsLogger:
     def log(self, result: IterationResult, loss_sum: float, extra: dict | None = None) -> dict:
         """Write the row of the iteration just finished; `loss_sum` is the global sum of item losses."""
         p, plan = self.progress, self.plan
-        calls, rounds, nbytes = result.comm
+        calls, rounds, nbytes, gathers, gather_bytes = result.comm
+        if gathers:  # a sharded engine: its parameter all-gathers per iteration, next to the reduce-scatters
+            extra = {"allgathers_per_iteration": gathers, "allgather_bytes_per_iteration": gather_bytes,
+                     **(extra or {})}
         row = {
             "iteration": p.iteration, "epoch": plan.epochs_for(p.iteration), "samples_seen": p.samples_seen,
             "items_seen": p.items_seen, "global_batch_size": plan.global_batch_size,

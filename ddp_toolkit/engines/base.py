@@ -29,8 +29,8 @@ class CommStats:
     gather_bytes: int = 0
     """Bytes received by those all-gathers."""
 
-    def snapshot(self) -> tuple[int, int, int]:
-        return self.calls, self.rounds, self.bytes
+    def snapshot(self) -> tuple[int, int, int, int, int]:
+        return self.calls, self.rounds, self.bytes, self.gathers, self.gather_bytes
 
 
 class Engine(ABC):

@@ -46,6 +46,7 @@ def test_fsdp_matches_ddp_resumes_at_another_world_size_and_exports(tmp_path):
         assert row["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)  # the global norm of the shards
         assert row["allreduce_rounds_per_iteration"] == 1  # k = 2 micro-steps, one reduction
         assert row["allreduces_per_iteration"] == 2  # one reduce-scatter per FSDP group (two Linear layers)
+        assert row["allgathers_per_iteration"] >= 2 and row["allgather_bytes_per_iteration"] > 0  # reported too
 
     # halt at 6 with W = 2, resume at W = 1; and the reverse: the shards are resharded
     for first, second, name in ((2, 1, "down"), (1, 2, "up")):
