@@ -14,6 +14,7 @@ Checkpoints are sharded (DCP): every rank writes its own shard and a resume at a
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 
 import torch
@@ -78,7 +79,9 @@ def _rebind(optimizer: torch.optim.Optimizer, new_params: dict[str, nn.Parameter
     """The same optimizer (class, groups, hyperparameters) over the sharded parameters that replaced the old."""
     groups = [{**{k: v for k, v in g.items() if k != "params"},
                "params": [new_params[names[id(p)]] for p in g["params"]]} for g in optimizer.param_groups]
-    return type(optimizer)(groups, **optimizer.defaults)
+    # only what the constructor takes: AdamW's defaults hold `decoupled_weight_decay`, which only Adam accepts
+    accepted = inspect.signature(type(optimizer).__init__).parameters
+    return type(optimizer)(groups, **{k: v for k, v in optimizer.defaults.items() if k in accepted})
 
 
 def _bf16_supported(device: torch.device) -> bool:

@@ -83,3 +83,22 @@ def test_zero3_matches_ddp_and_resumes_at_another_world_size(tmp_path):
     assert max_rel_error(final_weights(tmp_path / "z3"), reference) <= 1e-5
     rows = metrics(tmp_path / "z3")
     assert {r["allreduce_rounds_per_iteration"] for r in rows if r["world_size"] == 2} == {2}  # per micro-step
+
+
+def test_the_example_language_model_under_fsdp_matches_ddp(tmp_path: Path) -> None:
+    """configs/examples/char_lm.yaml (a byte-level transformer, AdamW, token loss, padded batches) at W = 2."""
+    import yaml
+
+    from tests.distributed.harness import REPO
+
+    base = yaml.safe_load((REPO / "configs" / "examples" / "char_lm.yaml").read_text())
+    runs = {}
+    for engine in ("ddp", "fsdp"):
+        raw = {**base, "run_dir": str(tmp_path / engine), "report": {"console": False},
+               "data": {**base["data"], "eval_size": 16},
+               "train": {**base["train"], "engine": engine, "iterations": 4, "log_every": 1, "epochs": None,
+                         "samples": None, "eval_every": None, "checkpoint_every": None}}
+        runs[engine] = spawn_train(raw, 2)
+    assert max_rel_error(final_weights(runs["fsdp"]), final_weights(runs["ddp"])) <= TOLERANCE
+    assert [r["loss"] for r in metrics(runs["fsdp"])] == pytest.approx([r["loss"] for r in metrics(runs["ddp"])],
+                                                                     rel=1e-6)
