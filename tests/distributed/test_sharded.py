@@ -80,7 +80,7 @@ def test_zero3_matches_ddp_and_resumes_at_another_world_size(tmp_path):
     z3 = {**raw, "run_dir": str(tmp_path / "z3"), "train": {**raw["train"], "engine": "deepspeed", "zero_stage": 3}}
     spawn_train({**z3, "train": {**z3["train"], "halt_at": 6}}, 2)
     spawn_train({**z3, "train": {**z3["train"], "resume": "auto"}}, 1)  # the gathered state fits any W
-    assert max_rel_error(final_weights(tmp_path / "z3"), reference) <= 1e-5
+    assert max_rel_error(final_weights(tmp_path / "z3"), reference) <= TOLERANCE  # 1.9e-7 measured (fp32)
     rows = metrics(tmp_path / "z3")
     assert {r["allreduce_rounds_per_iteration"] for r in rows if r["world_size"] == 2} == {2}  # per micro-step
 
