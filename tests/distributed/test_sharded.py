@@ -61,6 +61,13 @@ def test_fsdp_matches_ddp_resumes_at_another_world_size_and_exports(tmp_path):
     assert max_rel_error(exported, final_weights(fsdp)) == 0
     plain = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
     plain.load_state_dict(exported)
+    from ddp_toolkit.config import validate
+    from ddp_toolkit.data import build_data
+
+    _, eval_set = build_data(validate(_raw(tmp_path / "fsdp", "fsdp")).data)
+    with torch.no_grad():  # the plain model's eval loss is the run's last one
+        loss = float(torch.nn.functional.cross_entropy(plain(eval_set.x), eval_set.y, reduction="sum")) / len(eval_set)
+    assert loss == pytest.approx(metrics(fsdp, "eval")[-1]["eval_loss"], rel=1e-5)
 
     # a torn shard in the newest checkpoint: skipped with a warning naming it, the previous one is used
     shard = fsdp / "checkpoints" / "it00000020" / "__1_0.distcp"
