@@ -97,8 +97,11 @@ class Reporter:
             return
         self._write({"kind": "eval", **result})
         if self._live is not None:
-            self._live.note(f"eval at iteration {result['iteration']}: loss {result['eval_loss']:.4f}, "
-                            f"accuracy {result['eval_accuracy']:.4f} on {result['eval_samples']} samples")
+            parts = [f"loss {result['eval_loss']:.4f}"]  # accuracy and perplexity only where they are defined
+            parts += [f"{name} {result[key]:.4f}" for name, key in (("perplexity", "eval_perplexity"),
+                                                                    ("accuracy", "eval_accuracy")) if key in result]
+            self._live.note(f"eval at iteration {result['iteration']}: {', '.join(parts)} on "
+                            f"{result['eval_samples']} samples")
 
     def warn(self, message: str) -> None:
         if self.enabled:
