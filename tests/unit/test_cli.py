@@ -92,7 +92,7 @@ def test_last_of_epochs_iterations_samples_wins(capsys):
 
 def test_plan_from_a_config(capsys):
     out = plan_json(capsys, str(DEFAULT_CONFIG), "--world-size", "2", "train.iterations=20")
-    assert (out["dataset_size"], out["global_batch_size"], out["grad_accum_steps"]) == (4096, 128, 2)
+    assert (out["dataset_size"], out["global_batch_size"], out["grad_accum_steps"]) == (4096, 128, 4)
     assert out["total_iterations"] == 20 and out["stop"] == "20it"
     assert out["warmup_iterations"] == 20 and "warmup lasts the whole run" in out["notes"][0]
     assert out["eval_every_iterations"] == out["checkpoint_every_iterations"] == 32
@@ -103,12 +103,12 @@ def test_plan_from_a_config(capsys):
 
 
 @pytest.mark.parametrize(("flags", "factors"), [
-    ([], (128, 32, 1, 4)),
-    (["--world-size", "4"], (128, 32, 4, 1)),
-    (["--micro-batch-size", "16"], (128, 16, 1, 8)),
-    (["--grad-accum-steps", "4", "--world-size", "2"], (256, 32, 2, 4)),  # the flag wins over the config's B
-    (["--global-batch-size", "64", "--world-size", "2"], (64, 32, 2, 1)),
-    (["--grad-accum-steps", "2"], (128, 32, 2, 2)),  # W derived from the config's B and b
+    ([], (128, 16, 1, 8)),
+    (["--world-size", "4"], (128, 16, 4, 2)),
+    (["--micro-batch-size", "32"], (128, 32, 1, 4)),
+    (["--grad-accum-steps", "8", "--world-size", "2"], (256, 16, 2, 8)),  # the flag wins over the config's B
+    (["--global-batch-size", "64", "--world-size", "2"], (64, 16, 2, 2)),
+    (["--grad-accum-steps", "2"], (128, 16, 4, 2)),  # W derived from the config's B and b
 ])
 def test_batch_flags_override_the_config(capsys, flags, factors):
     out = plan_json(capsys, str(DEFAULT_CONFIG), *flags)

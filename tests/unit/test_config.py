@@ -8,7 +8,7 @@ from ddp_toolkit.duration import Duration
 
 def test_default_config_loads():
     cfg = load_config(DEFAULT_CONFIG)
-    assert cfg.batch.global_batch_size == 128 and cfg.batch.micro_batch_size == 32
+    assert cfg.batch.global_batch_size == 128 and cfg.batch.micro_batch_size == 16
     assert cfg.train.stop == Duration.epochs(3)
 
 
