@@ -333,12 +333,26 @@ class DeepSpeedEngine(Engine):
         if self._own_group and dist.is_initialized():
             dist.destroy_process_group()
             self._own_group = False
+        _forget_deepspeed_groups()  # the next engine in this process must not reuse a group that is gone
         for name, value in self._env_before.items():  # an in-process run leaves no rank variables behind
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
         self._env_before.clear()
+
+
+def _forget_deepspeed_groups() -> None:
+    """DeepSpeed caches its process groups in module globals; once the run's group is destroyed they point at a
+    dead group, and a second engine in the same process (a sweep, a test) fails with "group is not registered"."""
+    from deepspeed.utils import groups
+
+    for name, value in vars(groups).copy().items():
+        if name.startswith("_") and name[1:2].isupper() and name.endswith(("_GROUP", "_RANKS", "_RANK", "_SIZE")):
+            if isinstance(value, dict):
+                value.clear()
+            elif value is not None:
+                setattr(groups, name, None)
 
 
 # ---- ZeRO optimizer state ⇄ torch's per-parameter format ------------------------------------------------
