@@ -96,6 +96,8 @@ class Trainer:
         try:
             self._build(model, train_set, eval_set)
         except BaseException:
+            with contextlib.suppress(Exception):
+                self.engine.close()  # an engine may have made its own process group (W = 1 DeepSpeed, FSDP)
             self._exit.close()  # leave the process group if building failed
             raise
 
