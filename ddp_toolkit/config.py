@@ -111,6 +111,22 @@ class ModelConfig(_Section):
         return self
 
 
+class BatchPhaseConfig(_Section):
+    until: DurationText | None = None
+    """End of this phase, counted from the start of the run (`20000sp`, `500it`, `2ep`); the last phase has none."""
+    global_batch_size: PosInt
+    """B of this phase (b·W·k_j: k follows the phase)."""
+
+
+class BatchRampConfig(_Section):
+    start: PosInt
+    """First global batch size of the ramp."""
+    increment: PosInt
+    """Added to the global batch size at each step of the ramp, up to batch.global_batch_size."""
+    over: DurationText
+    """Length of the whole ramp (Megatron's ramp-up samples); each batch size holds for an equal share of it."""
+
+
 class BatchConfig(_Section):
     micro_batch_size: PosInt = 32
     """b: samples per device per forward pass."""
@@ -120,14 +136,50 @@ class BatchConfig(_Section):
     """B = b·W·k; when given, k is derived from the world size W at launch (given both: checked)."""
     drop_last: Bool = False
     """Drop the short last global batch of every epoch."""
+    schedule: list[BatchPhaseConfig] | None = None
+    """Batch-size schedule: phases `{until, global_batch_size}`, the last without `until`; W and b fixed, k follows
+    each phase, the lr follows optim.lr_scaling phase by phase. Replaces global_batch_size and grad_accum_steps."""
+    ramp: BatchRampConfig | None = None
+    """Batch-size ramp-up `{start, increment, over}` to batch.global_batch_size (Megatron's form of a schedule)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> BatchConfig:
         b, k, B = self.micro_batch_size, self.grad_accum_steps, self.global_batch_size
+        self._check_schedule()
         if B is not None and B % (b * (k or 1)):
             raise ValueError(f"batch.global_batch_size {B} is not divisible by batch.micro_batch_size {b}"
                              + (f" × batch.grad_accum_steps {k}" if k else ""))
         return self
+
+    def _check_schedule(self) -> None:
+        if self.schedule is not None and self.ramp is not None:
+            raise ValueError("give batch.schedule or batch.ramp, not both")
+        if (self.schedule is not None or self.ramp is not None) and self.grad_accum_steps is not None:
+            raise ValueError("batch.grad_accum_steps cannot be fixed with a batch-size schedule: k follows each phase")
+        if self.schedule is not None:
+            if self.global_batch_size is not None:
+                raise ValueError("batch.global_batch_size cannot be set with batch.schedule: each phase gives its own")
+            if not self.schedule or self.schedule[-1].until is not None:
+                raise ValueError("batch.schedule: the last phase must have no `until` (it lasts to the end)")
+            for j, phase in enumerate(self.schedule):
+                if phase.until is None and j < len(self.schedule) - 1:
+                    raise ValueError(f"batch.schedule[{j}]: every phase but the last needs `until`")
+                if phase.global_batch_size % self.micro_batch_size:
+                    raise ValueError(f"batch.schedule[{j}].global_batch_size {phase.global_batch_size} is not "
+                                     f"divisible by batch.micro_batch_size {self.micro_batch_size}")
+        if self.ramp is not None and self.global_batch_size is None:
+            raise ValueError("batch.ramp needs batch.global_batch_size: the batch size the ramp ends at")
+
+    def sizes(self) -> list[tuple[int, Any]] | None:
+        """[(B_j, until_j)] of a batch-size schedule (a ramp expanded, then the final B), or None for a fixed B."""
+        if self.schedule is not None:
+            return [(p.global_batch_size, p.until) for p in self.schedule]
+        if self.ramp is not None:
+            from ddp_toolkit.batch_schedule import ramp_phases
+
+            r = self.ramp
+            return [*ramp_phases(r.start, r.increment, self.global_batch_size, r.over), (self.global_batch_size, None)]
+        return None
 
 
 class OptimConfig(_Section):

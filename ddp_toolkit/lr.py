@@ -161,6 +161,9 @@ class Schedule:
     """End of the cosine and wsd decays and floor of step decay; warmup may start below it."""
     decay_fraction: float = 0.2
     """wsd: the last fraction of the run (of T) that decays linearly to min_lr; ignored by the other decays."""
+    phase_factors: tuple[tuple[int, float], ...] = ()
+    """Batch-size schedule: (first iteration of a phase, its lr / the first phase's lr), increasing; the lr of
+    iteration i is the shape above times the factor of i's phase (1 before the first entry)."""
 
     def __post_init__(self) -> None:
         _check_positive("peak_lr", self.peak_lr)
@@ -186,6 +189,11 @@ class Schedule:
             raise ValueError(f"decay_fraction must be in [0, 1], got {self.decay_fraction!r}")
         object.__setattr__(self, "step_milestones", tuple(self.step_milestones))
         self._check_milestones()
+        object.__setattr__(self, "phase_factors", tuple((int(i), float(f)) for i, f in self.phase_factors))
+        starts = [i for i, _ in self.phase_factors]
+        if starts != sorted(set(starts)) or any(not (math.isfinite(f) and f > 0) for _, f in self.phase_factors):
+            raise ValueError(f"phase_factors must have increasing iterations and positive factors, "
+                             f"got {list(self.phase_factors)}")
 
     def _check_milestones(self) -> None:
         milestones = self.step_milestones
@@ -209,6 +217,18 @@ class Schedule:
         """Lr of the step taken after `iteration` steps (0-based); see the class docstring for the shape."""
         if iteration < 0:
             raise ValueError(f"iteration must be >= 0, got {iteration}")
+        return self._shape_at(iteration) * self.phase_factor(iteration)
+
+    def phase_factor(self, iteration: int) -> float:
+        """The batch-size phase's lr factor at `iteration` (1 without a batch-size schedule)."""
+        factor = 1.0
+        for first, f in self.phase_factors:
+            if first > iteration:
+                break
+            factor = f
+        return factor
+
+    def _shape_at(self, iteration: int) -> float:
         w, t, peak = self.warmup_iterations, self.total_iterations, self.peak_lr
         if iteration < w:
             s = self.warmup_start_factor

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ddp_toolkit.batch_schedule import epochs_at
 from ddp_toolkit.dist import all_reduce_sum
 from ddp_toolkit.flops import count_micro_step_flops, peak_flops_of
 from ddp_toolkit.plan import BatchPlan
@@ -167,8 +168,8 @@ class MetricsLogger:
             extra = {"allgathers_per_iteration": gathers, "allgather_bytes_per_iteration": gather_bytes,
                      **(extra or {})}
         row = {
-            "iteration": p.iteration, "epoch": plan.epochs_for(p.iteration), "samples_seen": p.samples_seen,
-            "items_seen": p.items_seen, "global_batch_size": plan.global_batch_size,
+            "iteration": p.iteration, "epoch": epochs_at(p.position(), plan.dataset_size),
+            "samples_seen": p.samples_seen, "items_seen": p.items_seen, "global_batch_size": plan.global_batch_size,
             "batch_samples": result.samples, "batch_items": result.items, "local_batch_size": plan.local_batch_size,
             "micro_batch_size": plan.micro_batch_size, "world_size": plan.world_size,
             "grad_accum_steps": plan.grad_accum_steps, **result.hparams,

@@ -147,6 +147,11 @@ class NoiseMeter:
         self._prev: list[Any] | None = None  # the accumulated gradients after the previous micro-step
         self._pending: list[tuple[Any, Any, float, float]] = []
 
+    def set_plan(self, plan: Any) -> None:
+        """A new phase of a batch-size schedule: its local and global batch and k."""
+        self.local_batch_size, self.global_batch_size = plan.local_batch_size, plan.global_batch_size
+        self.k = plan.grad_accum_steps
+
     def begin(self, samples: int) -> None:
         """Decide how this iteration is measured (a short last batch is not)."""
         full = samples == self.global_batch_size

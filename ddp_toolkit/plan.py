@@ -186,9 +186,14 @@ class BatchPlan:
         if not (0 <= micro_step < self.grad_accum_steps and 0 <= rank < self.world_size):
             raise PlanError(f"(micro_step {micro_step}, rank {rank}) is outside grad_accum_steps "
                             f"{self.grad_accum_steps} × world_size {self.world_size}")
-        n, base = self.batch_size_of(iteration_in_epoch), iteration_in_epoch * self.global_batch_size
-        start, stop = cell_bounds(n, self.world_size * self.grad_accum_steps, micro_step * self.world_size + rank)
-        return base + start, base + stop
+        return self.cell_range_at(iteration_in_epoch * self.global_batch_size,
+                                  self.batch_size_of(iteration_in_epoch), micro_step, rank)
+
+    def cell_range_at(self, start: int, count: int, micro_step: int, rank: int) -> tuple[int, int]:
+        """`cell_range` for a global batch of `count` samples starting at epoch position `start` (with a batch-size
+        schedule a batch may start anywhere): its slots cut into W·k cells, cell c = micro_step · W + rank."""
+        begin, end = cell_bounds(count, self.world_size * self.grad_accum_steps, micro_step * self.world_size + rank)
+        return start + begin, start + end
 
     @property
     def last_batch_split(self) -> list[list[int]]:

@@ -40,6 +40,9 @@ PLAN_FIELDS: dict[str, str] = {
     "total_iterations": "iterations (optimizer steps) in the run",
     "epochs": "the run length in epochs",
     "total_samples": "samples seen over all devices in the run",
+    "batch_schedule": "batch.schedule / batch.ramp only: per phase that starts in the run, its global_batch_size, "
+                      "grad_accum_steps, local_batch_size, until, first_iteration, iterations, first_samples_seen, "
+                      "first_epoch and scaled_lr (the lr rule at that B); the plan fields above are the first phase's",
     "base_lr": "optim.lr: the learning rate at the reference batch",
     "base_batch_size": "B_ref: the reference batch of base_lr",
     "base_batch_size_from": "where B_ref came from: optim.base_batch_size, or the global batch when none is set",
@@ -78,25 +81,46 @@ def split_summary(plan: BatchPlan) -> str:
 
 def plan_info(cfg: Config, plan: BatchPlan, rules: list[str] | None = None) -> dict:
     """Every number of the plan for `cfg` (see PLAN_FIELDS); `rules` default to [optim.lr_scaling]."""
-    rules = rules or [cfg.optim.lr_scaling]
-    total = plan.iterations_in(cfg.train.stop)
+    from ddp_toolkit.recipe import schedule_of_plan
+
+    rules, batches = rules or [cfg.optim.lr_scaling], schedule_of_plan(cfg, plan)
+    total = batches.iterations_in(cfg.train.stop)
     info = {**plan.to_dict(), "last_batch_summary": split_summary(plan), "stop": str(cfg.train.stop),
-            "total_iterations": total, "epochs": plan.epochs_for(total), "total_samples": plan.samples_for(total)}
+            "total_iterations": total, "epochs": batches.epochs_for(total), "total_samples": batches.samples_for(total)}
+    if not batches.is_fixed:
+        info["batch_schedule"] = _phase_rows(cfg, batches, total, rules[0])
     ref, ref_from = reference_batch(cfg, plan)
     by_rule = {rule: scaled_lr(cfg.optim.lr, plan.global_batch_size, ref, rule) for rule in rules}
     info.update(base_lr=cfg.optim.lr, base_batch_size=ref, base_batch_size_from=ref_from, lr_rule=rules[0],
                 scaled_lr=by_rule[rules[0]], scaled_lr_by_rule=by_rule)
-    warmup, warmup_note = warmup_iterations(cfg, plan, total)
-    milestones, milestone_note = milestone_iterations(cfg, plan, total)
+    warmup, warmup_note = warmup_iterations(cfg, batches, total)
+    milestones, milestone_note = milestone_iterations(cfg, batches, total)
     info.update(warmup_iterations=warmup, warmup_start_factor=warmup_start_factor(cfg, plan, rules[0]),
                 schedule=cfg.optim.schedule, step_milestones_iterations=list(milestones),
-                eval_every_iterations=cadence_iterations(cfg.train.eval_every, plan),
-                checkpoint_every_iterations=cadence_iterations(cfg.train.checkpoint_every, plan),
+                eval_every_iterations=cadence_iterations(cfg.train.eval_every, batches),
+                checkpoint_every_iterations=cadence_iterations(cfg.train.checkpoint_every, batches),
                 log_every_iterations=cfg.train.log_every)
     warning = scaling_warning(cfg, next((r for r in rules if r != "none"), "none"))
     info["warnings"] = [warning] if warning else []
     info["notes"] = [n for n in (warmup_note, milestone_note) if n]
     return info
+
+
+def _phase_rows(cfg: Config, batches, total: int, rule: str) -> list[dict]:
+    """One dict per phase of a batch-size schedule that starts within the run: B, k, where it starts, how long it
+    lasts and its lr under `rule` (the warmup/decay shape comes on top)."""
+    starts = batches.phase_starts(total)
+    out = []
+    for (j, pos), nxt in zip(starts, [*starts[1:], None], strict=True):
+        plan, until = batches.phases[j].plan, batches.phases[j].until
+        end = total if nxt is None else nxt[1].iteration
+        ref, _ = reference_batch(cfg, plan)
+        out.append({"phase": j, "global_batch_size": plan.global_batch_size, "grad_accum_steps": plan.grad_accum_steps,
+                    "local_batch_size": plan.local_batch_size, "until": None if until is None else str(until),
+                    "first_iteration": pos.iteration, "iterations": end - pos.iteration,
+                    "first_samples_seen": pos.samples_seen, "first_epoch": batches.epochs_at(pos),
+                    "scaled_lr": scaled_lr(cfg.optim.lr, plan.global_batch_size, ref, rule)})
+    return out
 
 
 def describe(plan: BatchPlan) -> str:
@@ -125,13 +149,21 @@ def plan_rows(plan: BatchPlan, info: dict, verbose: bool = False) -> list[tuple[
             rows.append(("last batch split [micro_step][rank]", str(plan.last_batch_split)))
     else:
         rows.append(("last global batch", f"{plan.last_batch_size} (full)"))
+    if "batch_schedule" in info:  # the rows above describe the first phase
+        rows = [(f"{label} (phase 0)" if i in (0, 1, 3, 4) else label, value) for i, (label, value) in enumerate(rows)]
+    for phase in info.get("batch_schedule", []):
+        rows.append((f"batch phase {phase['phase']}", f"B {phase['global_batch_size']} (k {phase['grad_accum_steps']}) "
+                     f"from iteration {phase['first_iteration']:,} ({count(phase['first_samples_seen'], 'sample')}, "
+                     f"epoch {phase['first_epoch']:.3g}) for {count(phase['iterations'], 'iteration')}, "
+                     f"lr {phase['scaled_lr']:.6g}" + (f", until {phase['until']}" if phase["until"] else "")))
     rows.append(("run length", f"{count(info['total_iterations'], 'iteration')} = {count(info['epochs'], 'epoch')} "
                                f"= {count(info['total_samples'], 'sample')}"))
     rates = ", ".join(f"{rate:.6g} ({rule})" for rule, rate in info["scaled_lr_by_rule"].items())
     rows.append(("learning rate", f"{info['base_lr']:.6g} at batch {info['base_batch_size']} "
                                   f"[{info['base_batch_size_from']}] → {rates} at batch {plan.global_batch_size}"))
     warmup = info["warmup_iterations"]
-    rows.append(("warmup", f"{count(warmup, 'iteration')} = {count(plan.epochs_for(warmup), 'epoch')}, from "
+    in_epochs = "" if "batch_schedule" in info else f" = {count(plan.epochs_for(warmup), 'epoch')}"
+    rows.append(("warmup", f"{count(warmup, 'iteration')}{in_epochs}, from "
                            f"{info['warmup_start_factor']:.6g} × the scaled lr" if warmup else "none"))
     milestones = ", ".join(f"{m:,}" for m in info["step_milestones_iterations"])
     rows.append(("lr schedule", f"{info['schedule']}" + (f", decay at iterations {milestones}" if milestones else "")))

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ddp_toolkit.batch_schedule import BatchSchedule
 from ddp_toolkit.config import Config, ConfigError
 from ddp_toolkit.config_plan import milestone_iterations, reference_batch, scaling_warning, warmup_iterations
+from ddp_toolkit.duration import Duration
 from ddp_toolkit.lr import (
     Schedule,
     adam_sqrt_hparams,
@@ -21,7 +23,8 @@ from ddp_toolkit.lr import (
 )
 from ddp_toolkit.plan import BatchPlan
 
-__all__ = ["fingerprint", "lr_info", "make_optimizer", "plan_for", "preflight", "schedule_for",
+__all__ = ["batch_schedule_for", "fingerprint", "lr_info", "make_optimizer", "plan_for", "preflight", "schedule_for",
+           "schedule_of_plan",
            "train_from_config", "warmup_start_factor"]
 
 
@@ -38,7 +41,30 @@ def plan_for(cfg: Config, dataset_size: int, world_size: int) -> BatchPlan:
         from ddp_toolkit.orders import distributed_sampler_epoch
 
         dataset_size = distributed_sampler_epoch(dataset_size, drop_last=b.drop_last, **factors)
+    if b.sizes() is not None:  # a batch-size schedule: the plan of its first phase
+        factors.update(global_batch_size=b.sizes()[0][0], grad_accum_steps=None)
     return BatchPlan.solve(dataset_size, drop_last=b.drop_last, **factors)
+
+
+def batch_schedule_for(cfg: Config, dataset_size: int, world_size: int) -> BatchSchedule:
+    """The run's batch-size schedule: batch.schedule or batch.ramp, else one phase (the plan of `plan_for`)."""
+    return schedule_of_plan(cfg, plan_for(cfg, dataset_size, world_size))
+
+
+def schedule_of_plan(cfg: Config, first: BatchPlan) -> BatchSchedule:
+    """The batch-size schedule whose first phase is `first` (`plan_for`'s plan); one line for what cannot run."""
+    sizes = cfg.batch.sizes()
+    if sizes is None:
+        return BatchSchedule.fixed(first)
+    if cfg.data.order != "global":
+        raise ConfigError(f"a batch-size schedule needs data.order: global (the world-size-invariant order), not "
+                          f"{cfg.data.order}")
+    if cfg.train.engine == "deepspeed":  # (under the deepspeed launcher `auto` is refused by the Trainer)
+        raise ConfigError("a batch-size schedule cannot run on train.engine: deepspeed (DeepSpeed fixes the batch size "
+                          "and k when it starts); use ddp, accelerate or fsdp")
+    schedule = BatchSchedule.of_sizes(first, sizes)
+    schedule.walk(cfg.train.stop)  # a phase that would be empty is one line now, not mid-run
+    return schedule
 
 
 def lr_info(cfg: Config, plan: BatchPlan) -> dict:
@@ -80,17 +106,23 @@ def schedule_notes(cfg: Config, plan: BatchPlan, total: int) -> list[str]:
     return [n for n in notes if n]
 
 
-def schedule_for(cfg: Config, plan: BatchPlan, total: int) -> Schedule:
-    """The lr schedule of the run, durations converted through the plan; ConfigError when impossible."""
+def schedule_for(cfg: Config, plan: BatchPlan, total: int, batches: BatchSchedule | None = None) -> Schedule:
+    """The lr schedule of the run, durations converted through the batch schedule (default: the plan's one phase);
+    ConfigError when impossible. With several phases the lr follows optim.lr_scaling phase by phase: each phase's
+    lr is the rule's lr at its B (`phase_factors`, relative to the first phase's), times the warmup/decay shape."""
     o, info = cfg.optim, lr_info(cfg, plan)
-    peak = info["scaled_lr"]
-    warmup, _ = warmup_iterations(cfg, plan, total)  # a warmup longer than the run lasts the run (with a note)
-    milestones, _ = milestone_iterations(cfg, plan, total)
+    peak, durations = info["scaled_lr"], batches or plan
+    warmup, _ = warmup_iterations(cfg, durations, total)  # a warmup longer than the run lasts the run (with a note)
+    milestones, _ = milestone_iterations(cfg, durations, total)
+    factors = ()
+    if batches is not None and not batches.is_fixed:
+        factors = tuple((pos.iteration, lr_info(cfg, batches.phases[j].plan)["scaled_lr"] / peak)
+                        for j, pos in batches.phase_starts(total))
     try:
         return Schedule(peak_lr=peak, total_iterations=total, warmup_iterations=warmup,
                         warmup_start_factor=info["warmup_start_factor"], decay=o.schedule,
                         step_milestones=milestones, step_gamma=o.step_gamma, min_lr=min(o.min_lr, peak),
-                        decay_fraction=o.decay_fraction)
+                        decay_fraction=o.decay_fraction, phase_factors=factors)
     except ValueError as err:
         raise ConfigError(f"optim: {err}") from None
 
@@ -124,6 +156,10 @@ def fingerprint(cfg: Config, plan: BatchPlan, schedule: Schedule) -> dict[str, A
     for section in ("data", "model", "optim"):
         for key, value in getattr(cfg, section).model_dump(mode="json").items():
             out[f"{section}.{key}"] = value
+    sizes = cfg.batch.sizes()
+    if sizes is not None:  # a batch-size schedule: B of every phase and where it ends
+        out["batch.schedule"] = " → ".join(f"{size}" + ("" if until is None else f" until {Duration.parse(until)}")
+                                           for size, until in sizes)
     if schedule.decay != "constant":  # a decaying schedule depends on the run's length
         out["total_iterations"] = schedule.total_iterations
     return out
@@ -136,7 +172,8 @@ def preflight(cfg: Config, world_size: int) -> BatchPlan:
 
     train_set = build_workload(cfg).train_set
     plan = plan_for(cfg, len(train_set), world_size)
-    schedule_for(cfg, plan, plan.iterations_in(cfg.train.stop))
+    batches = schedule_of_plan(cfg, plan)
+    schedule_for(cfg, plan, batches.iterations_in(cfg.train.stop), batches)
     return plan
 
 

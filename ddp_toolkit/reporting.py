@@ -75,7 +75,8 @@ class Reporter:
             if "resumed_from" in info:
                 self.console.print(f"resumed from checkpoint {info['resumed_from']} at iteration "
                                    f"{progress.iteration}")
-            self._live = LiveProgress(self.console, self.plan, total_iterations, progress.iteration)
+            self._live = LiveProgress(self.console, self.plan, total_iterations, progress.iteration,
+                                      fixed_batch="batch_schedule" not in info, epochs=info.get("epochs"))
         self._sinks = open_sinks(self.cfg, info, self.warn, (progress.iteration, progress.samples_seen))
 
     def _write(self, row: dict) -> None:
@@ -141,9 +142,10 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
 class LiveProgress:
     """A rich progress bar on a terminal; plain periodic lines (no control characters) otherwise."""
 
-    def __init__(self, console: Console, plan: BatchPlan, total: int, start: int) -> None:
-        self.console, self.plan, self.total = console, plan, total
-        self.epochs_total = max(1, math.ceil(plan.epochs_for(total)))
+    def __init__(self, console: Console, plan: BatchPlan, total: int, start: int, fixed_batch: bool = True,
+                 epochs: float | None = None) -> None:
+        self.console, self.plan, self.total, self.fixed_batch = console, plan, total, fixed_batch
+        self.epochs_total = max(1, math.ceil((plan.epochs_for(total) if epochs is None else epochs) - 1e-9))
         self._bar = None
         if console.is_terminal:
             self._bar = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(),
@@ -161,14 +163,18 @@ class LiveProgress:
 
     def update(self, m: dict) -> None:
         it, ipe = m["iteration"], self.plan.iterations_per_epoch
-        in_epoch = (it - 1) % ipe + 1
-        epoch = f"{(it - 1) // ipe + 1}/{self.epochs_total}"
+        if self.fixed_batch:
+            current, in_epoch = (it - 1) // ipe + 1, f"{(it - 1) % ipe + 1}/{ipe}"
+        else:  # a batch-size schedule: iterations per epoch change with B, so the share of the epoch's samples
+            current = max(1, min(math.ceil(m["epoch"] - 1e-9), self.epochs_total))
+            in_epoch = f"{m['epoch'] - current + 1:.0%} at B {m['global_batch_size']}"
+        epoch = f"{current}/{self.epochs_total}"
         rate = f"{m['samples_per_second']:,.0f}" if m.get("samples_per_second") else "-"
         if self._bar is not None:
-            self._bar.update(self._task, completed=it, epoch=epoch, in_epoch=f"{in_epoch}/{ipe}", rate=rate,
+            self._bar.update(self._task, completed=it, epoch=epoch, in_epoch=in_epoch, rate=rate,
                              loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.4g}")
         else:
-            self.console.print(f"epoch {epoch} · iteration {it}/{self.total} (in epoch {in_epoch}/{ipe}) · "
+            self.console.print(f"epoch {epoch} · iteration {it}/{self.total} (in epoch {in_epoch}) · "
                                f"samples_seen {m['samples_seen']} · loss {m['loss']:.4f} · lr {m['lr']:.4g} · "
                                f"{rate} samples/s", soft_wrap=True)
 

@@ -109,12 +109,18 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
     @property
     def iterations_consumed(self) -> int:
-        """Iterations of the current epoch already handed out (or skipped); iteration restarts from here."""
+        """Iterations of the current epoch already handed out (or skipped), counted in batches of this plan's B."""
         return -(-self._samples_consumed // self.global_batch_size)
+
+    @property
+    def iterations_left(self) -> int:
+        """Iterations still to come in the current epoch from the current position (in batches of this plan's B)."""
+        left = self.dataset_size - self._samples_consumed
+        return left // self.global_batch_size if self.drop_last else -(-left // self.global_batch_size)
 
     def __len__(self) -> int:
         """Micro-batches this rank still yields in the current epoch, from the resume point (not from 0)."""
-        return max(0, self.iterations_per_epoch - self.iterations_consumed) * self.grad_accum_steps
+        return max(0, self.iterations_left) * self.grad_accum_steps
 
     def _check_iteration(self, iteration: int) -> int:
         iteration = as_int("iteration", iteration, 0)
@@ -147,12 +153,29 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
     def advance(self, iterations: int) -> None:
         """Skip `iterations` whole iterations of the current epoch without yielding them (fast-forward)."""
-        target = self.iterations_consumed + as_int("iterations", iterations, 0)
-        if target > self.iterations_per_epoch:
-            raise ValueError(
-                f"cannot advance to iteration {target}: epoch {self.epoch} has {self.iterations_per_epoch}"
-            )
-        self._reposition(min(target * self.global_batch_size, self.dataset_size))
+        iterations = as_int("iterations", iterations, 0)
+        if iterations > self.iterations_left:
+            raise ValueError(f"cannot advance {iterations} iterations: epoch {self.epoch} has {self.iterations_left} "
+                             f"left")
+        self._reposition(min(self._samples_consumed + iterations * self.global_batch_size, self.dataset_size))
+
+    def seek(self, epoch_position: int) -> None:
+        """Continue the current epoch at position `epoch_position` of its global order (any position: a batch-size
+        schedule may have changed B mid-epoch, so the next batch need not start at a multiple of this B)."""
+        position = as_int("epoch_position", epoch_position, 0)
+        if position > self.dataset_size:
+            raise ValueError(f"epoch_position {position} is past the end of the epoch ({self.dataset_size} samples)")
+        self._reposition(position)
+
+    def set_plan(self, plan: BatchPlan) -> None:
+        """Switch to another phase of a batch-size schedule (another B and k; N, W, b and drop_last unchanged).
+        The position stays; the next iterator yields batches of the new B from it."""
+        old = self.plan
+        if (plan.dataset_size, plan.world_size, plan.drop_last) != (old.dataset_size, old.world_size, old.drop_last):
+            raise PlanError(f"set_plan: a new phase keeps dataset_size {old.dataset_size}, world_size "
+                            f"{old.world_size} and drop_last {old.drop_last}")
+        self.plan = plan
+        self._generation += 1
 
     def _reposition(self, samples_consumed: int) -> None:
         self._samples_consumed = samples_consumed
@@ -205,38 +228,38 @@ class GlobalBatchSampler(Sampler[list[int]]):
         start the next epoch; iterating again without it yields nothing once the epoch is finished.
         """
         self._generation += 1
-        return self._generate(self._generation, self.iterations_consumed)
+        return self._generate(self._generation, self._samples_consumed)
 
-    def _generate(self, generation: int, first: int) -> Iterator[list[int]]:
-        perm, last = self._permutation(), self.iterations_per_epoch
-        block_iterations, per_iteration = 1, self.micro_batch_size * self.grad_accum_steps
-        max_block = max(1, _MAX_CHUNK_INDICES // per_iteration)
-        while first < last:
+    def _generate(self, generation: int, position: int) -> Iterator[list[int]]:
+        perm, n, size, k = self._permutation(), self.dataset_size, self.global_batch_size, self.grad_accum_steps
+        end = n - size + 1 if self.drop_last else n  # an iteration may start below `end` (drop_last: a full one)
+        block_iterations, max_block = 1, max(1, _MAX_CHUNK_INDICES // (self.micro_batch_size * k))
+        while position < end:
             # Permute several iterations' positions in one vectorised call; the block grows so the first
             # batch comes out fast.
-            stop = min(last, first + block_iterations)
-            positions, sizes = self._rank_positions(first, stop)
+            block = range(position, min(end, position + block_iterations * size), size)
+            position = block[-1] + size
+            positions, sizes = self._rank_positions(block)
             indices = self._indices(positions, perm).tolist()
             offset = 0
-            for iteration in range(first, stop):
-                for micro_step, size in enumerate(sizes[iteration - first]):
-                    batch, offset = indices[offset : offset + size], offset + size
-                    if micro_step == self.grad_accum_steps - 1 and generation == self._generation:
-                        end = (iteration + 1) * self.global_batch_size
-                        self._samples_consumed = min(end, self.dataset_size)
+            for start, row in zip(block, sizes, strict=True):
+                for micro_step, count in enumerate(row):
+                    batch, offset = indices[offset : offset + count], offset + count
+                    if micro_step == k - 1 and generation == self._generation:
+                        self._samples_consumed = min(start + size, n)
                     yield batch
-            first, block_iterations = stop, min(2 * block_iterations, max_block)
+            block_iterations = min(2 * block_iterations, max_block)
 
-    def _rank_positions(self, first: int, stop: int) -> tuple[np.ndarray, list[list[int]]]:
-        """Epoch positions of this rank's cells in iterations [first, stop) and their sizes per
-        [iteration][micro_step] (the plan's `cell_range`)."""
+    def _rank_positions(self, starts: range) -> tuple[np.ndarray, list[list[int]]]:
+        """Epoch positions of this rank's cells in the iterations starting at `starts`, and their sizes per
+        [iteration][micro_step] (the plan's layout rule, `cell_range_at`)."""
         pieces, sizes = [], []
-        for iteration in range(first, stop):
-            row = []
+        for start in starts:
+            count, row = min(self.global_batch_size, self.dataset_size - start), []
             for micro_step in range(self.grad_accum_steps):
-                start, end = self.plan.cell_range(iteration, micro_step, self.rank)
-                pieces.append(np.arange(start, end, dtype=np.int64))
-                row.append(end - start)
+                first, stop = self.plan.cell_range_at(start, count, micro_step, self.rank)
+                pieces.append(np.arange(first, stop, dtype=np.int64))
+                row.append(stop - first)
             sizes.append(row)
         return np.concatenate(pieces), sizes
 

@@ -22,8 +22,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ddp_toolkit import plan_report
+from ddp_toolkit.batch_schedule import epochs_at
 from ddp_toolkit.batches import batch_as_is, empty_like, to_device
-from ddp_toolkit.config import Config
+from ddp_toolkit.config import Config, ConfigError
 from ddp_toolkit.dist import DistEnv, all_reduce_sum, apply_numerics, check_device_settings, distributed
 from ddp_toolkit.engines import Engine, build_engine
 from ddp_toolkit.errors import RunError
@@ -33,10 +34,10 @@ from ddp_toolkit.metrics import IterationResult, MetricsLogger, ScalarReduce, op
 from ddp_toolkit.noise_scale import NoiseMeter, NoiseScaleEstimator
 from ddp_toolkit.progress import Progress
 from ddp_toolkit.recipe import (
+    batch_schedule_for,
     fingerprint,
     lr_info,
     make_optimizer,
-    plan_for,
     preflight,
     schedule_for,
     schedule_notes,
@@ -82,12 +83,18 @@ class Trainer:
         self.env = env = env or DistEnv.from_env()
         self.train_set, self.run_dir = train_set, Path(cfg.run_dir)
         self.step = step or TupleStep(loss_fn, count_items=count_items)
-        self.plan = plan = plan_for(cfg, len(train_set), env.world_size)
-        self.total_iterations = plan.iterations_in(cfg.train.stop)
-        self.schedule = schedule_for(cfg, plan, self.total_iterations)
+        self.batches = batch_schedule_for(cfg, len(train_set), env.world_size)  # B by phase (one phase: fixed)
+        self.plan = plan = self.batches.first  # the plan of the current phase (set by _enter_phase)
+        self.total_iterations = self.batches.iterations_in(cfg.train.stop)
+        self.schedule = schedule_for(cfg, plan, self.total_iterations, self.batches)
         self.progress = Progress()
+        self._phase = 0
         # the engine checks its config (e.g. a DeepSpeed JSON against the plan) before any rendezvous
         self.engine = engine(env, plan, cfg) if engine is not None else build_engine(cfg, env, plan)
+        if not self.batches.is_fixed and not self.engine.batch_size_may_change:
+            self.engine.close()
+            raise ConfigError(f"batch.schedule: the {self.engine.name} engine fixes the batch size when it starts "
+                              f"(train.engine: ddp, accelerate or fsdp can change it mid-run)")
         self._exit = contextlib.ExitStack()
         if env.is_main:  # one run per run_dir; found unwritable now, not at the first checkpoint
             self._exit.enter_context(RunDirLock(self.run_dir, rank=env.rank).acquire())
@@ -123,7 +130,7 @@ class Trainer:
         self._empty_template = None
         if eval_set is not None and len(eval_set) == 0:
             eval_set = None  # data.eval_size: 0 means no evaluation
-        every = plan.iterations_in(cfg.train.eval_every) if cfg.train.eval_every else 0
+        every = self.batches.iterations_in(cfg.train.eval_every) if cfg.train.eval_every else 0
         self.evaluator = None if eval_set is None else Evaluator(eval_set, self.step, env, plan.micro_batch_size * 4,
                                                                  self.collate_fn, every)
         self.noise = NoiseScaleEstimator() if cfg.train.noise_scale else None
@@ -141,7 +148,7 @@ class Trainer:
         self.checkpoints = CheckpointManager(
             self.run_dir / "checkpoints", engine_state=EngineState(self.engine), states=states,
             fingerprint=fingerprint(cfg, plan, self.schedule), rank=env.rank, barrier=self.engine.barrier,
-            every=plan.iterations_in(cfg.train.checkpoint_every) if cfg.train.checkpoint_every else 0,
+            every=self.batches.iterations_in(cfg.train.checkpoint_every) if cfg.train.checkpoint_every else 0,
             keep=cfg.train.keep_checkpoints, allow_change=cfg.train.allow_config_change)
         self.summary: dict = {}
 
@@ -178,7 +185,7 @@ class Trainer:
             resumed = self._resume_or_start_fresh()
             self.reporter.truncate_after(self.progress.iteration)  # rows after the checkpoint are redone
             self.reporter.start(self._plan_info(resumed), self.progress, self.total_iterations)
-            for note in schedule_notes(self.cfg, self.plan, self.total_iterations):
+            for note in schedule_notes(self.cfg, self.batches, self.total_iterations):
                 self.reporter.warn(note)
             self.stop_vote.install()
             self._run()
@@ -191,6 +198,9 @@ class Trainer:
         path = broadcast_from_main(self.checkpoints.find(self.cfg.train.resume) if self.env.is_main else None)
         if path is not None:
             self.checkpoints.load(path)
+            p = self.progress
+            if p.epoch_position < 0:  # a checkpoint from before batch-size schedules: a fixed B, batches from 0
+                p.epoch_position = min(p.iteration_in_epoch * self.plan.global_batch_size, self.plan.dataset_size)
         elif self.env.is_main:
             moved = archive_previous_run(self.run_dir)
             if moved:
@@ -227,22 +237,44 @@ class Trainer:
                     return self._stop_early("halted (train.halt_at)", requeue=False)
                 if self.progress.iteration_in_epoch == 0:
                     break  # epoch finished: next epoch's order
+                if self.batches.phase_index(self.progress.position()) != self._phase:
+                    break  # a new batch size: batches of it from this position on
         self._finish(time.perf_counter() - t0, last_eval)
 
     def _epoch_batches(self):
         """This rank's micro-batches from the current position (the position lives in `progress`)."""
         p = self.progress
+        self._enter_phase(self.batches.phase_index(p.position()))
         self.sampler.set_epoch(p.epoch)
-        self.sampler.advance(p.iteration_in_epoch)
+        if isinstance(self.sampler, GlobalBatchSampler):
+            self.sampler.set_plan(self.plan)
+            self.sampler.seek(p.epoch_position)
+        else:
+            self.sampler.advance(p.iteration_in_epoch)
         # worker seeds follow the position, so a resumed run's workers get what the straight run's would
         self._loader_rng.manual_seed(hash((self.cfg.train.seed, self.env.rank, p.epoch, p.iteration_in_epoch)))
         return iter(self.loader)
 
+    def _enter_phase(self, phase: int) -> None:
+        """Use batch-size phase `phase`: its plan (B, k) everywhere, and its betas, eps and weight decay when a rule
+        co-scales them with B (optim.beta2_scaling, weight_decay_scaling, adam_sqrt; the lr is the scheduler's)."""
+        self._phase, self.plan = phase, self.batches.phases[phase].plan
+        self.metrics.plan = self.plan
+        if self.noise_meter is not None:
+            self.noise_meter.set_plan(self.plan)
+        if not self.batches.is_fixed:
+            info = lr_info(self.cfg, self.plan)
+            for group in self.engine.optimizer.param_groups:
+                for key in ("betas", "eps", "weight_decay"):
+                    if key in group:
+                        group[key] = info[key]
+
     def _iteration(self, batches) -> IterationResult:
         """One iteration: k micro-steps, the last one synced, then clip, step, schedule, zero_grad."""
-        plan, engine, step, k = self.plan, self.engine, self.step, self.plan.grad_accum_steps
+        engine, step, k = self.engine, self.step, self.plan.grad_accum_steps
         t_start = time.perf_counter()
-        samples = plan.batch_size_of(self.progress.iteration_in_epoch)
+        position = self.progress.position()
+        samples = self.batches.batch_size_at(position)
         micro_batches = [self._next_micro_batch(batches) for _ in range(k)]
         counts = [step.count(mb) for mb in micro_batches]  # on the CPU batch, before any forward
         if self.metrics.wants_flops:  # once, rank 0: FLOPs of one micro-step on a meta copy (flops.py)
@@ -271,7 +303,7 @@ class Trainer:
         hparams = optimizer_hparams(engine.optimizer)  # what this iteration's step uses
         grad_norm, skipped = self._clip_and_step()
         t_step = time.perf_counter()  # timing: norm, clip, optimizer step, schedule, zero_grad done
-        self.progress.advance(samples, items, plan.iterations_per_epoch, skipped)
+        self.progress.advance(self.batches.after(position, samples), items, skipped)
         comm = tuple(a - b for a, b in zip(engine.comm.snapshot(), comm_before, strict=True))
         return IterationResult(samples=samples, items=items, item_losses=item_losses, grad_norm=grad_norm,
                                hparams=hparams, comm=comm, skipped=skipped, seconds=time.perf_counter() - t_start,
@@ -358,7 +390,7 @@ class Trainer:
 
     def _evaluate(self) -> dict:
         p = self.progress
-        result = {"iteration": p.iteration, "epoch": self.plan.epochs_for(p.iteration),
+        result = {"iteration": p.iteration, "epoch": epochs_at(p.position(), self.plan.dataset_size),
                   "samples_seen": p.samples_seen}
         with self.engine.evaluation() as model:  # a sharded engine gathers its weights once for the whole pass
             result.update(self.evaluator.run(model))
@@ -381,7 +413,8 @@ class Trainer:
         self._save_final()
         p, last = self.progress, self.reporter.last_metrics
         self.summary = {
-            "iterations": p.iteration, "epochs": self.plan.epochs_for(p.iteration), "samples_seen": p.samples_seen,
+            "iterations": p.iteration, "epochs": epochs_at(p.position(), self.plan.dataset_size),
+            "samples_seen": p.samples_seen,
             "items_seen": p.items_seen, "skipped_iterations": p.skipped_iterations, "wall_seconds": seconds,
             "samples_per_second": p.samples_seen / seconds if seconds > 0 else None,
             "final_loss": self.reporter.last_loss, "allreduces_per_iteration": last.get("allreduces_per_iteration"),
@@ -398,7 +431,7 @@ class Trainer:
         self.engine.barrier()
 
     def _plan_info(self, resumed: Path | None) -> dict:
-        info = {**plan_report.plan_info(self.cfg, self.plan), "total_iterations": self.total_iterations,
+        info = {**plan_report.plan_info(self.cfg, self.batches.first), "total_iterations": self.total_iterations,
                 "warmup_iterations": self.schedule.warmup_iterations, "engine": self.engine.name,
                 "backend": self.env.backend if self.env.is_distributed else "none",
                 "launcher": self.env.describe_launcher(), "seed": self.cfg.train.seed}

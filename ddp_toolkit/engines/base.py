@@ -128,6 +128,8 @@ class Engine(ABC):
     sharded_checkpoint = False
     flops_countable = True
     """The FLOP count may run a meta-device copy of `module` (not for engines that hook or shard the module)."""
+    batch_size_may_change = True
+    """Whether k may change between iterations (a batch-size schedule); DeepSpeed fixes it when it starts."""
     """True when checkpoints are written with DCP (`sharded_state`), one shard per rank; else rank 0 writes the
     full model and optimizer state."""
 

@@ -182,6 +182,7 @@ class DeepSpeedEngine(Engine):
 
     name = "deepspeed"
     flops_countable = False  # a copy of a hooked/sharded module breaks it (ZeRO-3: ds_id)
+    batch_size_may_change = False  # train_batch_size and gradient_accumulation_steps are fixed at initialize
 
     def __init__(self, env, plan, cfg) -> None:
         super().__init__(env, plan, cfg)

@@ -110,12 +110,17 @@ def point_config(sweep: Sweep, B: int, lr: float, rule: RuleSpec | None, run_dir
     spec, base = sweep.spec, sweep.base
     iterations = iterations_for_budget(spec.samples, B)
     cap = spec.micro_batch_size or base.batch.micro_batch_size
-    b = micro_batch_for(B, world_size, cap, two_micro_steps=spec.noise_scale and world_size == 1)
-    batch = _section(base.batch, ("grad_accum_steps",), micro_batch_size=b, global_batch_size=B, drop_last=True)
+    ramp = rule.batch_ramp if rule is not None and rule.batch_ramp and B > rule.batch_ramp.start else None
+    two = spec.noise_scale and world_size == 1  # k >= 2 in every phase: b divides the ramp's first batch
+    b = micro_batch_for(ramp.start if ramp else B, world_size, cap, two_micro_steps=two)
+    ramped = {} if ramp is None else {"ramp": {"start": ramp.start, "increment": ramp.start, "over": ramp.over}}
+    batch = _section(base.batch, ("grad_accum_steps", "schedule", "ramp"), micro_batch_size=b, global_batch_size=B,
+                     drop_last=True, **ramped)
     optim = _section(base.optim, ("warmup", "warmup_start_factor"), **_optim_changes(sweep, B, lr, rule))
     seeded = {} if seed is None else {"seed": seed}
-    train = _section(base.train, ("epochs", "samples", "halt_at", "checkpoint_every", "resume"),
-                     iterations=iterations, log_every=max(1, iterations // 500),
+    length = {"iterations": iterations} if ramp is None else {"samples": spec.samples}  # a ramp: the same budget
+    train = _section(base.train, ("epochs", "samples", "iterations", "halt_at", "checkpoint_every", "resume"),
+                     **length, log_every=max(1, iterations // 500),
                      eval_every=max(1, iterations // spec.evals), noise_scale=spec.noise_scale, **seeded)
     report = _section(base.report, console=False, jsonl=True)
     return base.model_copy(update={"batch": batch, "optim": optim, "train": train, "report": report,

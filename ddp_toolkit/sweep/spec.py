@@ -13,7 +13,7 @@ from ddp_toolkit.config import Config, ConfigError, load_raw, validate
 from ddp_toolkit.names import OptimizerName, ScalingRule
 from ddp_toolkit.plan import BatchPlan, parse_duration
 
-__all__ = ["METRICS", "Metric", "RuleSpec", "SweepSpec", "Sweep", "sweep_from_dict", "load_sweep",
+__all__ = ["METRICS", "Metric", "RampSpec", "RuleSpec", "SweepSpec", "Sweep", "sweep_from_dict", "load_sweep",
            "higher_is_better", "error_line"]
 
 Metric = Literal["eval_accuracy", "eval_loss", "train_loss"]
@@ -45,6 +45,22 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class RampSpec(_Model):
+    """A batch-size ramp-up (Megatron's form): B = start, 2·start, … up to the point's B, each for an equal share
+    of `over`; points whose B is not above `start` run at a fixed B."""
+
+    start: int = Field(gt=0)
+    """First global batch size of the ramp (the increment too); every larger point's B must be a multiple of it."""
+    over: str | int
+    """Length of the whole ramp (`20000sp`, `1ep`, `100it`)."""
+
+    @field_validator("over")
+    @classmethod
+    def _duration(cls, value: str | int) -> str | int:
+        parse_duration(value)
+        return value
+
+
 class RuleSpec(_Model):
     """One large-batch rule: how the base lr tuned at B_ref becomes the lr at B."""
 
@@ -59,6 +75,8 @@ class RuleSpec(_Model):
     """Optimizer of this rule (default: the base config's)."""
     lr: float | None = Field(None, gt=0)
     """Base lr at B_ref for this rule (e.g. LARS, whose trust ratio needs a larger one); default: tuned."""
+    batch_ramp: RampSpec | None = None
+    """A batch-size schedule as a rule: each point ramps its batch up to B (the lr follows lr_scaling per phase)."""
 
     @field_validator("warmup")
     @classmethod
@@ -213,6 +231,11 @@ def _check_consistent(sweep: Sweep, where: str) -> None:
     if spec.metric.startswith("eval_") and data.name == "synthetic" and data.eval_size == 0:
         raise ConfigError(f"{where}: metric: {spec.metric} needs an eval set, but base data.eval_size is 0")
     for i, rule in enumerate(spec.rules):
+        ramp = rule.batch_ramp
+        wrong = [B for B in spec.batch_sizes if ramp is not None and B > ramp.start and B % ramp.start]
+        if wrong:
+            raise ConfigError(f"{where}: rules.{i}.batch_ramp: global batch {wrong[0]} is not a multiple of start "
+                              f"{ramp.start} (the ramp grows by start at each step)")
         for B in spec.batch_sizes:
             warmup, total = _warmup_iterations(rule.warmup, B, n), iterations_for_budget(spec.samples, B)
             if warmup is not None and warmup > total:

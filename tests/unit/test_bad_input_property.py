@@ -20,7 +20,7 @@ import pytest
 from annotated_types import Ge, Gt, Le, Lt
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydantic import BeforeValidator
+from pydantic import BaseModel, BeforeValidator
 
 from ddp_toolkit import cli
 from ddp_toolkit.cli_types import Count, DurationArg, Endpoint, NodeRange, Number, OneLine
@@ -82,6 +82,10 @@ def bad_yaml(annotation, metadata, nullable: bool = False) -> list[str]:
         return NOT_NUMBERS + _numbers_outside(meta, integer=False)
     if base is str:
         return NOT_TEXT + _bad_text(meta) + ["null"] * (not nullable)
+    if isinstance(base, type) and issubclass(base, BaseModel):  # a nested section (a batch phase, the ramp)
+        return ["abc", "5", "{}", "{nope: 1}"] + [f"{{{name}: {v}}}" for name, f in base.model_fields.items()
+                                                  for v in bad_yaml(f.annotation, f.metadata)[:3]
+                                                  if not v.startswith(("[", "{"))]
     raise AssertionError(f"no bad values known for {base!r}: extend bad_yaml")
 
 

@@ -52,13 +52,13 @@ def test_plan_json(capsys, args, expected):
 def test_plan_json_keys_are_the_documented_ones(capsys):
     out = plan_json(capsys, "--dataset-size", "1001", "--micro-batch-size", "8", "--world-size", "2",
                     "--grad-accum-steps", "4")
-    optional = {"scaling"}  # only with --bandwidth
+    optional = {"scaling", "batch_schedule"}  # only with --bandwidth, only with a batch-size schedule
     assert [k for k in out if k != "_stderr"] == [k for k in PLAN_FIELDS if k not in optional]
     assert out["last_batch_size"] == 1001 - 15 * 64
     with_bandwidth = plan_json(capsys, "--dataset-size", "1001", "--micro-batch-size", "8", "--world-size", "2",
                                "--grad-accum-steps", "4", "--bandwidth", "25GB/s", "--grad-bytes", "4000000",
                                "--micro-step-ms", "10")
-    assert [k for k in with_bandwidth if k != "_stderr"] == list(PLAN_FIELDS)
+    assert [k for k in with_bandwidth if k != "_stderr"] == [k for k in PLAN_FIELDS if k != "batch_schedule"]
     assert sum(map(sum, out["last_batch_split"])) == out["last_batch_size"]
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddp_toolkit import flops, models
+from ddp_toolkit.batch_schedule import Position
 from ddp_toolkit.config import validate
 from ddp_toolkit.metrics import IterationResult, MetricsLogger
 from ddp_toolkit.plan import BatchPlan
@@ -118,7 +119,7 @@ def _logged_row(peak: float | None) -> dict:
     batch = (torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 2, (8,)))
     logger.count_flops(model, TupleStep(), [batch], [8])
     assert not logger.wants_flops and logger.flops_per_item == (2 * 8 * 4 * 8 * 2 + 3 * 2 * 8 * 8 * 2) / 8
-    progress.advance(16, 16, 4, False)
+    progress.advance(Position(1, 0, 16, 16), 16, False)
     result = IterationResult(samples=16, items=16, item_losses=[torch.ones(8)], grad_norm=1.0, hparams={"lr": 0.1},
                              comm=(1, 1, 8, 0, 0), seconds=0.5, data_seconds=0.1, compute_seconds=0.3, step_seconds=0.1)
     return logger.log(result, loss_sum=16.0)
