@@ -9,25 +9,27 @@ fails its own test, not the whole pool.
 from __future__ import annotations
 
 import os
-import traceback
-from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import get_worker_info
 
 from ddp_toolkit.data import TensorData
-from tests.distributed.harness import free_port, small_config
+from tests.distributed.harness import (
+    Scenario,
+    config_scenario,
+    free_port,
+    pool_group,
+    run_scenario,
+    scenario_env,
+    small_config,
+)
 
 POOL_SIZE = 3
 PAD = -100  # ignore_index of the per-token loss
-
-Scenario = Callable[..., None]
 
 
 # ---- data and models the scenarios share with the tests' hand-computed references ---------------------------
@@ -138,15 +140,6 @@ def noise_config(run_dir: Path, iterations: int) -> dict:
 
 
 # ---- scenarios -------------------------------------------------------------------------------------------------
-def _from_config(raw: dict) -> Scenario:
-    def run(env) -> None:
-        from ddp_toolkit.config import validate
-        from ddp_toolkit.trainer import train_from_config
-
-        train_from_config(validate(raw), env=env)
-    return run
-
-
 def _tokens(raw: dict) -> Scenario:
     def run(env) -> None:
         from ddp_toolkit.config import validate
@@ -186,10 +179,10 @@ def _dropout(raw: dict) -> Scenario:
 
 def scenarios(root: Path) -> list[tuple[str, int, Scenario]]:
     """(run_dir name, world size, what to run), in the order every rank walks through them."""
-    out: list[tuple[str, int, Scenario]] = [(name, 1, _from_config(raw)) for name, raw in lr_configs(root).items()]
+    out: list[tuple[str, int, Scenario]] = [(name, 1, config_scenario(raw)) for name, raw in lr_configs(root).items()]
     out += [
-        ("sync_w3k3", 3, _from_config(exact_config(root / "sync_w3k3", n=23, b=2, B=18))),
-        ("clip", 2, _from_config(exact_config(root / "clip", n=19, b=4, B=16, grad_clip=0.05))),
+        ("sync_w3k3", 3, config_scenario(exact_config(root / "sync_w3k3", n=23, b=2, B=18))),
+        ("clip", 2, config_scenario(exact_config(root / "clip", n=19, b=4, B=16, grad_clip=0.05))),
         ("tokens", 2, _tokens(exact_config(root / "tokens", n=19, b=4, B=16))),
         ("workers", 2, _workers(workers_config(root / "workers"))),
         ("resume_full", 2, _dropout(resume_config(root / "resume_full"))),
@@ -197,29 +190,12 @@ def scenarios(root: Path) -> list[tuple[str, int, Scenario]]:
         ("resume_boundary", 2, _dropout(resume_config(root / "resume_boundary", resume="auto"))),
         ("resume_mid", 2, _dropout(resume_config(root / "resume_mid", halt_at=6))),
         ("resume_mid", 2, _dropout(resume_config(root / "resume_mid", resume="auto"))),
-        ("noise", 2, _from_config(noise_config(root / "noise", NOISE_ITERATIONS))),
+        ("noise", 2, config_scenario(noise_config(root / "noise", NOISE_ITERATIONS))),
     ]
     return out
 
 
 NOISE_ITERATIONS = 300
-
-
-def _run(name: str, root: Path, rank: int, run: Scenario, env) -> None:
-    try:
-        run(env)
-    except BaseException:
-        run_dir = root / name
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / "error.txt", "a") as fh:
-            fh.write(f"rank {rank}:\n{traceback.format_exc()}\n")
-
-
-def _env(rank: int, world_size: int):
-    from ddp_toolkit.dist import DistEnv
-
-    return DistEnv(rank=rank, local_rank=rank, world_size=world_size, local_world_size=world_size,
-                   launcher="test")
 
 
 def _worker(rank: int, root: Path, ports: list[int]) -> None:
@@ -230,18 +206,14 @@ def _worker(rank: int, root: Path, ports: list[int]) -> None:
     plan = scenarios(root)
     for world_size, port in zip((3, 2), ports, strict=True):
         if rank < world_size:
-            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                    world_size=world_size, timeout=timedelta(seconds=120))
-            try:
+            with pool_group(rank, world_size, port):
                 for name, w, run in plan:
                     if w == world_size:
-                        _run(name, root, rank, run, _env(rank, w))
-            finally:
-                dist.destroy_process_group()
+                        run_scenario(root / name, rank, run, scenario_env(rank, w))
         elif rank == 2:
             for name, w, run in plan:
                 if w == 1:
-                    _run(name, root, rank, run, _env(0, 1))
+                    run_scenario(root / name, rank, run, scenario_env(0, 1))
 
 
 def run_pool(root: Path) -> Path:

@@ -7,9 +7,13 @@ import json
 import os
 import subprocess
 import sys
+import traceback
+from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 from safetensors.torch import load_file
@@ -68,6 +72,59 @@ def spawn_train(raw: dict, world_size: int, **trainer_kwargs) -> Path:
         mp.spawn(_train_worker, args=(world_size, free_port(), raw, trainer_kwargs), nprocs=world_size,
                  join=True)
     return Path(raw["run_dir"])
+
+
+# ---- pools: one spawn of workers runs many scenarios, so the processes (and their imports) start once ---------
+Scenario = Callable[..., None]
+"""`(env) -> None`: one run in a pool worker, e.g. `train_from_config` on a config."""
+
+
+def config_scenario(raw: dict, **trainer_kwargs) -> Scenario:
+    """The scenario that trains `raw` with `train_from_config(..., **trainer_kwargs)`."""
+    def run(env) -> None:
+        from ddp_toolkit.config import validate
+        from ddp_toolkit.trainer import train_from_config
+
+        train_from_config(validate(raw), env=env, **trainer_kwargs)
+    return run
+
+
+@contextlib.contextmanager
+def pool_group(rank: int, world_size: int, port: int, timeout_s: float = 120.0) -> Iterator[None]:
+    """A gloo process group of the first `world_size` pool workers on loopback, kept across their scenarios (the
+    trainer leaves a group it did not make alone) and destroyed on the way out."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def scenario_env(rank: int, world_size: int):
+    """The DistEnv of a pool worker taking part in a run of `world_size` ranks (its process group already made)."""
+    from ddp_toolkit.dist import DistEnv
+
+    return DistEnv(rank=rank, local_rank=rank, world_size=world_size, local_world_size=world_size,
+                   launcher="test")
+
+
+def run_scenario(run_dir: Path, rank: int, run: Scenario, env) -> None:
+    """Run one scenario; its traceback, if any, lands in run_dir/error.txt, so that one broken scenario fails
+    its own test, not the whole pool."""
+    try:
+        run(env)
+    except BaseException:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "error.txt", "a") as fh:
+            fh.write(f"rank {rank}:\n{traceback.format_exc()}\n")
+
+
+def scenario_dir(root: Path, name: str) -> Path:
+    """The run directory of a pool's scenario, after checking that no rank left an error there."""
+    error = root / name / "error.txt"
+    assert not error.exists(), error.read_text()
+    return root / name
 
 
 def write_config(raw: dict, path: Path) -> Path:

@@ -25,7 +25,7 @@ from ddp_toolkit.config import validate
 from ddp_toolkit.models import build_model
 from ddp_toolkit.sampler import GlobalBatchSampler
 from tests.distributed import bite_pool
-from tests.distributed.harness import checkpoint_weights, final_weights, max_rel_error, metrics
+from tests.distributed.harness import checkpoint_weights, final_weights, max_rel_error, metrics, scenario_dir
 
 pytestmark = pytest.mark.distributed
 
@@ -36,9 +36,7 @@ def pool(tmp_path_factory) -> Path:
 
 
 def run_dir(pool: Path, name: str) -> Path:
-    error = pool / name / "error.txt"
-    assert not error.exists(), error.read_text()
-    return pool / name
+    return scenario_dir(pool, name)
 
 
 # ---- learning rate, momentum, betas, eps: what the optimizer used ------------------------------------------------

@@ -2,10 +2,12 @@
 
 Each shape — `(inputs, targets)` per-token with padding, dict batches with an HF-style `.logits` output, a user
 step function — trains 11 variable-length byte sequences of the standard library's source at B = 8 (b = 2): the
-second global batch holds 3 sequences over W·k = 4 cells, so one cell is empty. W = 2·k = 2 (spawned gloo
-workers) and W = 1·k = 4 must both equal a float64 hand-computed step on the mean loss per token of each global
-batch (each sequence run on its own, no padding); eval loss per token and perplexity, and tokens_seen, are
-checked against the same hand computation.
+second global batch holds 3 sequences over W·k = 4 cells, so one cell is empty. W = 2·k = 2 and W = 1·k = 4 must
+both equal a float64 hand-computed step on the mean loss per token of each global batch (each sequence run on
+its own, no padding); eval loss per token and perplexity, and tokens_seen, are checked against the same hand
+computation. The same runs on DeepSpeed ZeRO-1 (float32: ZeRO keeps float32 master weights) must equal it too.
+Every run happens in one spawn of two gloo workers (the W = 2 runs in one process group, then the W = 1 runs
+split between the two workers).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -32,16 +35,29 @@ from ddp_toolkit.workload import build_workload
 from tests.distributed.harness import (
     REPO,
     TRAIN_SCRIPT,
+    Scenario,
+    config_scenario,
     final_weights,
     free_port,
     max_rel_error,
     metrics,
-    spawn_train,
+    pool_group,
+    run_scenario,
+    scenario_dir,
+    scenario_env,
     worker_env,
 )
 
 pytestmark = pytest.mark.distributed
 EXAMPLES = REPO / "configs" / "examples"
+SHAPES = ("tuple", "dict", "function")
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+ZERO1 = {"engine": "deepspeed", "deepspeed_config": str(REPO / "configs" / "deepspeed" / "zero1.json")}
+# ZeRO-1 runs in float32 against the float64 hand step (2 iterations, SGD with momentum): 7.2e-7 measured on the
+# weights, 1.8e-8 on the eval loss. The bar is the issue's for float32 (1e-5 after 20 iterations); the weighting
+# bugs planted to check it are 4 orders above: the mean of micro-batch means (weights off by 1.0e-1 to 2.4e-1),
+# DeepSpeed dividing by k again (scale_wrt_gas=True: 5.1e-1 to 7.6e-1).
+FLOAT32_TOLERANCE = 1e-5
 
 
 class HFStyle(nn.Module):
@@ -65,10 +81,11 @@ def count_tokens(batch) -> int:
     return int((batch[1] != -100).sum())
 
 
-def raw_config(run_dir: Path, shape: str) -> dict:
+def raw_config(run_dir: Path, shape: str, zero1: bool = False) -> dict:
+    """The run of `shape`; `zero1`: on DeepSpeed ZeRO-1, in float32 (the same initial weights: built in float32)."""
     data = {"name": "text", "size": 11, "eval_size": 5, "seq_len": 24, "collate": "ddp_toolkit.data:pad_tokens"}
-    model = {"name": "transformer", "width": 8, "layers": 1, "heads": 2, "dtype": "float64"}
-    train = {"iterations": 2, "log_every": 1, "seed": 5, "loss": "token_cross_entropy"}
+    model = {"name": "transformer", "width": 8, "layers": 1, "heads": 2, "dtype": "float32" if zero1 else "float64"}
+    train = {"iterations": 2, "log_every": 1, "seed": 5, "loss": "token_cross_entropy", **(ZERO1 if zero1 else {})}
     if shape == "dict":
         data["collate"] = "ddp_toolkit.data:pad_tokens_dict"
         model.update(name="custom", factory="tests.distributed.test_workloads:HFStyle")
@@ -104,17 +121,59 @@ def hand_run(raw: dict) -> tuple[dict[str, torch.Tensor], int, float]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, tokens_seen, eval_loss
 
 
-@pytest.mark.parametrize("shape", ["tuple", "dict", "function"])
-def test_every_step_shape_is_the_exact_global_token_mean(tmp_path, shape):
-    kwargs = {"step": FunctionStep(step_fn, count=count_tokens)} if shape == "function" else {}
+RUNS = {"w2": (2, False), "w1": (1, False), "zero1_w2": (2, True), "zero1_w1": (1, True)}
+"""Run name → (world size, on ZeRO-1); B = 8, b = 2, so W = 2 has k = 2 and W = 1 has k = 4."""
+
+
+def _scenarios(root: Path) -> list[tuple[str, int, Scenario]]:
+    out = []
+    for shape in SHAPES:
+        kwargs = {"step": FunctionStep(step_fn, count=count_tokens)} if shape == "function" else {}
+        for run, (world_size, zero1) in RUNS.items():
+            if HAS_DEEPSPEED or not zero1:
+                raw = raw_config(root / f"{shape}_{run}", shape, zero1)
+                out.append((f"{shape}_{run}", world_size, config_scenario(raw, **kwargs)))
+    return out
+
+
+def _pool_worker(rank: int, root: Path, port: int) -> None:
+    torch.set_num_threads(1)
+    plan = _scenarios(root)
+    with pool_group(rank, 2, port):
+        for name, _, run in (s for s in plan if s[1] == 2):
+            run_scenario(root / name, rank, run, scenario_env(rank, 2))
+    for name, _, run in [s for s in plan if s[1] == 1][rank::2]:
+        run_scenario(root / name, rank, run, scenario_env(0, 1))
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory) -> Path:
+    """Every run of every shape, in one spawn of two workers."""
+    root = tmp_path_factory.mktemp("workloads")
+    mp.spawn(_pool_worker, args=(root, free_port()), nprocs=2, join=True)
+    return root
+
+
+def _assert_hand_step(pool: Path, tmp_path: Path, shape: str, runs: tuple[str, ...], tolerance: float) -> None:
     ref, tokens_seen, eval_loss = hand_run(raw_config(tmp_path / "hand", shape))
-    for world_size in (2, 1):  # W=2·k=2 and W=1·k=4
-        run_dir = spawn_train(raw_config(tmp_path / f"w{world_size}", shape), world_size, **kwargs)
-        assert max_rel_error(final_weights(run_dir), ref) <= 1e-12, (shape, world_size)
+    for run in runs:
+        run_dir = scenario_dir(pool, f"{shape}_{run}")
+        assert max_rel_error(final_weights(run_dir), ref) <= tolerance, (shape, run)
         rows, evals = metrics(run_dir), metrics(run_dir, "eval")
         assert rows[-1]["tokens_seen"] == rows[-1]["items_seen"] == tokens_seen
-        assert math.isclose(evals[-1]["eval_loss"], eval_loss, rel_tol=1e-12)
-        assert math.isclose(evals[-1]["eval_perplexity"], math.exp(eval_loss), rel_tol=1e-12)
+        assert math.isclose(evals[-1]["eval_loss"], eval_loss, rel_tol=tolerance)
+        assert math.isclose(evals[-1]["eval_perplexity"], math.exp(eval_loss), rel_tol=tolerance)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_every_step_shape_is_the_exact_global_token_mean(pool, tmp_path, shape):
+    _assert_hand_step(pool, tmp_path, shape, ("w2", "w1"), 1e-12)
+
+
+@pytest.mark.skipif(not HAS_DEEPSPEED, reason="the deepspeed extra is not installed")
+@pytest.mark.parametrize("shape", SHAPES)
+def test_every_step_shape_is_the_global_token_mean_under_deepspeed_zero1(pool, tmp_path, shape):
+    _assert_hand_step(pool, tmp_path, shape, ("zero1_w2", "zero1_w1"), FLOAT32_TOLERANCE)
 
 
 # ---- the shipped examples, a few iterations each, through the real launchers -------------------------------
@@ -152,8 +211,9 @@ def test_example_runs_under_ddp_toolkit_launch(tmp_path, name, module):
 
 
 def test_resnet_example_runs_or_names_the_missing_extra(tmp_path):
-    """PyPI's torchvision is a CUDA build that cannot import beside the CPU torch 2.13 wheel, so on such a
-    machine the example must stop before any worker starts: one line naming torchvision, exit 2."""
+    """With a torchvision that imports here, the example runs; without one (none installed, or PyPI's 0.28.0 beside
+    the CPU torch 2.13.0 wheel: 'operator torchvision::nms does not exist') it must stop before any worker starts:
+    one line naming torchvision, exit 2."""
     done = _launch_example("resnet_digits", tmp_path / "run")
     if _importable("torchvision") is None:
         _check_run(done, tmp_path / "run")
