@@ -124,8 +124,9 @@ def resnet18_digits(info: DataInfo) -> nn.Module:
     try:
         from torchvision.models import resnet18
     except Exception as err:  # noqa: BLE001 - a torchvision built for another torch fails with RuntimeError
-        raise ValueError(f"resnet18_digits needs a torchvision that matches this torch: pip install "
-                         f"'ddp_toolkit[vision]' ({type(err).__name__}: {err})") from None
+        raise ValueError(f"resnet18_digits needs a torchvision built for this torch {torch.__version__}: install "
+                         f"the two together (pip install torch torchvision, or 'ddp_toolkit[vision]') "
+                         f"({type(err).__name__}: {err})") from None
     return nn.Sequential(_DigitsAsImage(32), resnet18(weights=None, num_classes=info.classes))
 
 
