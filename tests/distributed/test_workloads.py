@@ -13,6 +13,7 @@ split between the two workers).
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import subprocess
@@ -24,6 +25,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
 from ddp_toolkit.config import validate
@@ -174,6 +176,27 @@ def test_every_step_shape_is_the_exact_global_token_mean(pool, tmp_path, shape):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_every_step_shape_is_the_global_token_mean_under_deepspeed_zero1(pool, tmp_path, shape):
     _assert_hand_step(pool, tmp_path, shape, ("zero1_w2", "zero1_w1"), FLOAT32_TOLERANCE)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("accelerate") is None, reason="the accelerate extra is not installed")
+@pytest.mark.parametrize("shape", ("tuple", "dict"))
+def test_step_shapes_are_the_exact_global_token_mean_under_accelerate_launch(tmp_path, shape):
+    """The config-reachable shapes through a real `accelerate launch` (MULTI_CPU, W = 2, k = 2): the same float64
+    hand step. (A step function is a Python object: it reaches the loop through Trainer(step=...), checked above.)"""
+    raw = raw_config(tmp_path / "run", shape)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                           "2", "--main_process_port", str(free_port()), str(TRAIN_SCRIPT), str(config)],
+                          capture_output=True, text=True, timeout=300, env=worker_env({"ACCELERATE_USE_CPU": "true"}),
+                          cwd=REPO)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert {r["world_size"] for r in metrics(tmp_path / "run")} == {2}
+    assert json.loads((tmp_path / "run" / "plan.json").read_text())["engine"] == "accelerate"
+    ref, tokens_seen, eval_loss = hand_run(raw_config(tmp_path / "hand", shape))
+    assert max_rel_error(final_weights(tmp_path / "run"), ref) <= 1e-12
+    assert metrics(tmp_path / "run")[-1]["tokens_seen"] == tokens_seen
+    assert math.isclose(metrics(tmp_path / "run", "eval")[-1]["eval_loss"], eval_loss, rel_tol=1e-12)
 
 
 # ---- the shipped examples, a few iterations each, through the real launchers -------------------------------
