@@ -236,11 +236,31 @@ def _check_consistent(sweep: Sweep, where: str) -> None:
         if wrong:
             raise ConfigError(f"{where}: rules.{i}.batch_ramp: global batch {wrong[0]} is not a multiple of start "
                               f"{ramp.start} (the ramp grows by start at each step)")
+        if ramp is not None and n is not None:
+            _check_ramp(sweep, i, n, where)
         for B in spec.batch_sizes:
             warmup, total = _warmup_iterations(rule.warmup, B, n), iterations_for_budget(spec.samples, B)
             if warmup is not None and warmup > total:
                 raise ConfigError(f"{where}: rules.{i}.warmup: {rule.warmup!r} is {warmup} iterations at global "
                                   f"batch {B}, longer than its run of {total} iterations")
+
+
+def _check_ramp(sweep: Sweep, index: int, n: int, where: str) -> None:
+    """Plan every point of a ramp rule as the trainer will: a ramp too short for its batches leaves a phase without
+    an iteration, which would fail that point mid-sweep, after the points before it have trained."""
+    from ddp_toolkit.plan import PlanError
+    from ddp_toolkit.recipe import batch_schedule_for
+    from ddp_toolkit.sweep.points import point_config
+
+    rule, W = sweep.spec.rules[index], sweep.spec.processes
+    for B in sweep.spec.batch_sizes:
+        if B > rule.batch_ramp.start:
+            cfg = point_config(sweep, B, sweep.base.optim.lr, rule, Path(sweep.base.run_dir), W)
+            try:
+                batch_schedule_for(cfg, n, W)
+            except (PlanError, ConfigError) as err:
+                raise ConfigError(f"{where}: rules.{index}.batch_ramp: at global batch {B}: {err} (a longer `over` "
+                                  f"or a larger `start` gives each phase an iteration)") from None
 
 
 def _warmup_iterations(warmup: str | int, B: int, n: int | None) -> int | None:

@@ -68,6 +68,9 @@ def _sweep(**changes) -> dict:
                                                       r"longer than its run of 16 iterations"),
         ({"base": {**BASE, "optim": {"lr": -1}}}, "base: optim.lr"),
         ({"base": {**BASE, "data": {"name": "synthetic", "eval_size": 0}}}, "eval_accuracy needs an eval set"),
+        ({"samples": 4096, "batch_sizes": [16, 256],
+          "rules": [{"name": "r", "batch_ramp": {"start": 16, "over": "512sp"}}]},
+         r"rules.0.batch_ramp: at global batch 256: batch.schedule\[\d+\] .* would get no iteration"),
     ],
 )
 def test_bad_sweep_files_are_one_config_error_line(changes: dict, message: str) -> None:
