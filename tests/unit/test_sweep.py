@@ -99,6 +99,30 @@ def test_the_default_sweep_file_is_valid() -> None:
     assert {r.lr_scaling for r in sweep.spec.rules} >= {"none", "linear", "sqrt"}
 
 
+def test_the_batch_science_study_expands_into_its_points(tmp_path: Path) -> None:
+    """docs/batch_science.md's sweep: digits, B = 8 … 1024, three seeds, two fixed-batch rules and a ramp from 32."""
+    sweep = load_sweep(Path(__file__).resolve().parents[2] / "configs" / "sweeps" / "batch_science_digits.yaml")
+    spec = sweep.spec
+    assert sweep.base.data.name == "digits" and spec.samples == 60000 and spec.target is not None
+    assert spec.batch_sizes == [2**i for i in range(3, 11)] and len(sweep.seeds) >= 3
+    ramps = [r for r in spec.rules if r.batch_ramp is not None]
+    assert len(ramps) == 1 and any(r.lr_scaling == ramps[0].lr_scaling and r.batch_ramp is None for r in spec.rules)
+    points = expand_points(sweep, tmp_path)
+    grid, main = [p for p in points if p.stage == "grid"], [p for p in points if p.stage == "main"]
+    assert len(grid) == len(spec.lr_grid) * 3 and len(main) == len(spec.rules) * 8 * 3
+    start = ramps[0].batch_ramp.start
+    for p in main:
+        batch, train = p.config.batch, p.config.train
+        assert batch.drop_last and batch.global_batch_size == p.global_batch_size
+        if p.rule == ramps[0].name and p.global_batch_size > start:
+            assert batch.ramp.start == start and train.samples == spec.samples and p.same_as is None
+        else:
+            assert batch.ramp is None and train.iterations == iterations_for_budget(spec.samples, p.global_batch_size)
+        if p.global_batch_size == spec.reference_batch_size:
+            assert p.same_as is not None and p.same_as.stage == "grid"  # B_ref is the grid's run at the tuned lr
+    assert sum(p.same_as is None for p in points) == 66  # what the header's run time is for
+
+
 # ---- arithmetic ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("samples", "B", "iterations"),
                          [(200_000, 32, 6250), (200_000, 4096, 49), (256, 64, 4), (257, 64, 5), (1, 4096, 1)])
